@@ -1,0 +1,35 @@
+"""Chat: prompt formats (ChatML, raw), reply decoding, streaming text and Jinja chat templates."""
+
+from qwenlm.chat.format import (
+    CHAT_FORMATS,
+    CHATML,
+    RAW,
+    ChatFormat,
+    ChatML,
+    Prompt,
+    Raw,
+    Reply,
+    decode_tokens,
+    get_chat_format,
+    get_stop_words_ids,
+    make_context,
+)
+from qwenlm.chat.stream import StreamDecoder
+from qwenlm.chat.template import render_chat_template
+
+__all__ = [
+    "CHAT_FORMATS",
+    "CHATML",
+    "RAW",
+    "ChatFormat",
+    "ChatML",
+    "Prompt",
+    "Raw",
+    "Reply",
+    "StreamDecoder",
+    "decode_tokens",
+    "get_chat_format",
+    "get_stop_words_ids",
+    "make_context",
+    "render_chat_template",
+]

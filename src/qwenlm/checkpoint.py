@@ -1,0 +1,262 @@
+"""Loading checkpoints: official Qwen v1 folders, HF Qwen2-family folders and GGUF files.
+
+The model is built on the meta device and each tensor is assigned as it is read (safetensors shards
+are memory-mapped), so loading never holds two copies of the weights. Every checkpoint format is a
+*name mapping* onto the model's own (Qwen v1) parameter names; nothing else about the model changes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import QwenConfig
+from .generation.config import GenerationConfig
+from .model import QwenForCausalLM
+from .tokenizer import VOCAB_FILE, QwenTokenizer
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some exporters save; recomputed here
+
+# HF Qwen2 names -> ours. Qwen2's q/k/v projections are stacked into c_attn (see _QKV).
+_QWEN2_RENAMES = [
+    (re.compile(r"model\.embed_tokens\.weight"), "transformer.wte.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.input_layernorm\.weight"), r"transformer.h.\1.ln_1.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight"), r"transformer.h.\1.attn.c_proj.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.post_attention_layernorm\.weight"), r"transformer.h.\1.ln_2.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.up_proj\.weight"), r"transformer.h.\1.mlp.w1.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight"), r"transformer.h.\1.mlp.w2.weight"),
+    (re.compile(r"model\.layers\.(\d+)\.mlp\.down_proj\.weight"), r"transformer.h.\1.mlp.c_proj.weight"),
+    (re.compile(r"model\.norm\.weight"), "transformer.ln_f.weight"),
+    (re.compile(r"lm_head\.weight"), "lm_head.weight"),
+]
+_QKV = re.compile(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the file and the fix."""
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU that supports it, else fp16 on GPU; fp32 on CPU (see README)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+# -- reading tensors --------------------------------------------------------------------------
+def _weight_files(folder: Path) -> list[Path]:
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid shard index ({e}); restore it from the checkpoint")
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"shard(s) {', '.join(missing)} listed in {index_name} are missing from folder {folder}; "
+                    f"download the complete checkpoint"
+                )
+            return files
+    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise FileNotFoundError(
+        f"no weights in folder {folder}: expected {SAFETENSORS_INDEX}, model*.safetensors or pytorch_model*.bin"
+    )
+
+
+def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"shard {path} is corrupt or truncated ({e}); download it again") from e
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises several types for a damaged zip/pickle
+            raise CheckpointError(f"shard {path} is corrupt or truncated ({e}); download it again") from e
+        yield from state.items()
+
+
+class _NameMapper:
+    """Maps checkpoint tensor names (official Qwen v1, HF Qwen2) onto the model's and stacks q/k/v."""
+
+    def __init__(self, config: QwenConfig) -> None:
+        self.qwen2 = config.is_qwen2
+        self._pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if _IGNORED.match(name):
+            return
+        if not self.qwen2:
+            yield name, tensor
+            return
+        m = _QKV.fullmatch(name)
+        if m:
+            layer, part, kind = m.groups()
+            group = self._pending.setdefault((layer, kind), {})
+            group[part] = tensor
+            if len(group) == 3:
+                del self._pending[(layer, kind)]
+                yield f"transformer.h.{layer}.attn.c_attn.{kind}", torch.cat([group["q"], group["k"], group["v"]])
+            return
+        for pattern, target in _QWEN2_RENAMES:
+            if pattern.fullmatch(name):
+                yield pattern.sub(target, name), tensor
+                return
+        yield name, tensor  # unknown: reported as unexpected
+
+    def incomplete(self) -> list[str]:
+        return [f"model.layers.{layer}.self_attn.{{q,k,v}}_proj.{kind}" for layer, kind in self._pending]
+
+
+def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], source: str,
+            dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+    expected = dict(model.state_dict(keep_vars=True))
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for name, tensor in tensors:
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        want = tuple(expected[name].shape)
+        if tuple(tensor.shape) != want:
+            mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)}, config expects {want}")
+            continue
+        value = tensor.to(device=device, dtype=dtype)
+        model.load_state_dict({name: value}, strict=False, assign=True)
+        loaded.add(name)
+    problems = []
+    if mismatched:
+        problems.append("tensors whose shapes do not fit config.json:\n  " + "\n  ".join(mismatched))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(unexpected[:10])}")
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {', '.join(missing[:10])}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match its config ({model.config.model_type}, {model.config.num_hidden_layers} "
+            f"layers, hidden {model.config.hidden_size}):\n" + "\n".join(problems)
+        )
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight
+
+
+def _build(config: QwenConfig, tensors: Iterator[tuple[str, torch.Tensor]], source: str,
+           dtype: torch.dtype, device: torch.device) -> QwenForCausalLM:  # fmt: skip
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    mapper = _NameMapper(config)
+    _assign(model, (m for name, t in tensors for m in mapper(name, t)), source, dtype, device)
+    if mapper.incomplete():
+        raise CheckpointError(f"{source}: incomplete q/k/v projections: {', '.join(mapper.incomplete())}")
+    return model.eval()
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    *,
+    ntk: bool | None = None,
+    logn: bool | None = None,
+) -> QwenForCausalLM:
+    """Load a model from a checkpoint folder (official Qwen v1 or HF Qwen2 layout, safetensors or
+    ``pytorch_model*.bin``, single or sharded) or a ``.gguf`` file.
+
+    ``ntk`` / ``logn`` override the config's ``use_dynamic_ntk`` / ``use_logn_attn``.
+    """
+    path = Path(path)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import read_gguf
+
+        ckpt = read_gguf(path, dtype=dtype)
+        config = _with_overrides(QwenConfig.from_dict(ckpt.config, source=str(path)), ntk, logn)
+        model = _build(config, iter(ckpt.tensors.items()), str(path), dtype, device)
+        model.generation_config = GenerationConfig(eos_token_id=ckpt.eos_token_id, pad_token_id=ckpt.eos_token_id)
+        return model
+    if not path.is_dir():
+        raise ValueError(f"{path} is neither a checkpoint folder nor a .gguf file")
+    config = _with_overrides(QwenConfig.from_json(path), ntk, logn)
+    files = _weight_files(path)
+    tensors = ((name, t) for f in files for name, t in _read_shard(f))
+    model = _build(config, tensors, f"checkpoint {path}", dtype, device)
+    model.generation_config = GenerationConfig.from_folder(path)
+    return model
+
+
+def _with_overrides(config: QwenConfig, ntk: bool | None, logn: bool | None) -> QwenConfig:
+    if ntk is not None:
+        config.use_dynamic_ntk = ntk
+    if logn is not None:
+        config.use_logn_attn = logn
+    return config
+
+
+def load_tokenizer(path: str | Path) -> QwenTokenizer:
+    """The tokenizer of a checkpoint: ``qwen.tiktoken`` (Qwen v1), HF tokenizer files (Qwen2) or a GGUF's
+    own vocabulary."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from .gguf import read_gguf_tokenizer
+
+        return read_gguf_tokenizer(path)
+    if path.is_file() or (path / VOCAB_FILE).is_file():
+        return QwenTokenizer.from_pretrained(path)
+    if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
+        from .hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(path)
+    raise FileNotFoundError(
+        f"no tokenizer in folder {path}: expected {VOCAB_FILE} (Qwen v1) or tokenizer.json / vocab.json + "
+        f"merges.txt (Qwen2 family)"
+    )
+
+
+def describe(model: QwenForCausalLM) -> dict[str, Any]:
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return {"parameters": n_params, "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
+            "weight_bytes": n_bytes}  # fmt: skip

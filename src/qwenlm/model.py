@@ -1,0 +1,185 @@
+"""The Qwen decoder in plain PyTorch: pre-norm blocks of RMSNorm, rotary attention and a SwiGLU MLP.
+
+Module names follow the official Qwen v1 checkpoint (``transformer.h.0.attn.c_attn``…), so those
+checkpoints load with no renaming; other formats are mapped onto these names by ``checkpoint``.
+The model knows nothing of tokenizers, sampling, chat or quantisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, attention_bias
+from .cache import KVCache
+from .config import QwenConfig
+from .longctx import position_policies
+from .rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from .generation.config import GenerationConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics whatever the input dtype; cast back *before* the weight, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class MLP(nn.Module):
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        width = config.mlp_width
+        self.w1 = nn.Linear(config.hidden_size, width, bias=False)  # linear ("up") branch
+        self.w2 = nn.Linear(config.hidden_size, width, bias=False)  # SiLU ("gate") branch
+        self.c_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: QwenConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, *attn_args: Any) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), *attn_args)
+        return x + self.mlp(self.ln_2(x))
+
+
+class QwenModel(nn.Module):
+    """Embedding, decoder blocks and final norm (``transformer.*`` in the official checkpoint)."""
+
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_emb_base)
+        self.ntk, self.logn = position_policies(config.seq_length, config.use_dynamic_ntk, config.use_logn_attn)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = token, 0 = padding
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        b, t = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        kv_len = past + t
+        if past and cache.ntk_alphas is not None:
+            alphas = cache.ntk_alphas  # decoding keeps the prefill's alphas, as the reference does
+        else:
+            alphas = self.ntk.alphas(t, attention_mask, self.training)
+            if cache is not None:
+                cache.ntk_alphas = alphas
+        h = self.drop(self.wte(input_ids))
+        cos, sin = self.rotary.cos_sin(past, kv_len, alphas, h.device)
+        logn = self.logn.factors(past, kv_len, self.training)
+        if logn is not None:
+            logn = logn.to(h.device)
+        bias, is_causal = attention_bias(attention_mask, t, kv_len, h.dtype, h.device)
+        for block in self.h:
+            h = block(h, cos, sin, logn, bias, is_causal, cache)
+        if cache is not None:
+            cache.advance(t)
+        return self.ln_f(h)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    past_key_values: KVCache | None = None
+    loss: torch.Tensor | None = None
+
+
+class QwenForCausalLM(nn.Module):
+    def __init__(self, config: QwenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = QwenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.generation_config: GenerationConfig | None = None
+        self.tokenizer = None  # set by from_pretrained when the checkpoint carries one
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto", **kwargs: Any):
+        """Load a checkpoint folder (Qwen v1 or HF Qwen2 layout) or a GGUF file; see ``qwenlm.checkpoint``."""
+        from .checkpoint import load_model
+
+        return load_model(path, dtype=dtype, device=device, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        return KVCache(self.config.num_hidden_layers, capacity)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        labels: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """Logits for every position (or only the last ``logits_to_keep``), the cache, and the loss:
+        mean next-token cross-entropy over labels that are not -100."""
+        self._check_ids(input_ids)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        h = self.transformer(input_ids, attention_mask, cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return CausalLMOutput(logits=logits, past_key_values=cache, loss=loss)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
+            bad = int(input_ids.max()) if int(input_ids.max()) >= self.config.vocab_size else int(input_ids.min())
+            raise ValueError(f"token id {bad} is outside the model's vocabulary 0..{self.config.vocab_size - 1}")
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Generate continuations; see ``qwenlm.generation.generate`` for the arguments."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def stream_generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Yield the new token ids (one tensor of shape (B,) per step) as they are produced."""
+        from .generation import stream_generate
+
+        return stream_generate(self, input_ids, attention_mask, **kwargs)

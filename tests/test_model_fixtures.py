@@ -36,7 +36,11 @@ def loaded():
             folder = fixtures("model", variant)
             model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu")
             meta = json.loads((folder / "cases.json").read_text())
-            cache[variant] = (model, load_file(str(folder / "cases.safetensors")), {c["name"]: c for c in meta["cases"]})
+            cache[variant] = (
+                model,
+                load_file(str(folder / "cases.safetensors")),
+                {c["name"]: c for c in meta["cases"]},
+            )
         return cache[variant]
 
     return get

@@ -34,12 +34,12 @@ def test_meta(tok: QwenTokenizer) -> None:
     assert (tok.eod_id, tok.im_start_id, tok.im_end_id) == (meta["eod_id"], meta["im_start_id"], meta["im_end_id"])
     from qwenlm.tokenizer import PAT_STR
 
-    assert PAT_STR == meta["pat_str"]
+    assert meta["pat_str"] == PAT_STR
 
 
 @pytest.mark.parametrize("rec", _records("encode"), ids=lambda r: r["id"])
 def test_encode(tok: QwenTokenizer, rec: dict) -> None:
-    call = lambda: tok.encode(rec["text"], allowed_special=rec["allowed_special"],  # noqa: E731
+    call = lambda: tok.encode(rec["text"], allowed_special=rec["allowed_special"],
                               disallowed_special=rec["disallowed_special"])  # fmt: skip
     if "error" in rec:
         with pytest.raises(ValueError) as err:
@@ -51,7 +51,7 @@ def test_encode(tok: QwenTokenizer, rec: dict) -> None:
 
 @pytest.mark.parametrize("rec", _records("decode"), ids=lambda r: r["id"])
 def test_decode(tok: QwenTokenizer, rec: dict) -> None:
-    call = lambda: tok.decode(rec["ids"], skip_special_tokens=rec["skip_special_tokens"], errors=rec["errors"])  # noqa: E731
+    call = lambda: tok.decode(rec["ids"], skip_special_tokens=rec["skip_special_tokens"], errors=rec["errors"])
     if "error" in rec:
         with pytest.raises((KeyError, UnicodeDecodeError, ValueError)):
             call()

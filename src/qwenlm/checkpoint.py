@@ -76,7 +76,9 @@ def _weight_files(folder: Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index} is not a valid shard index ({e}); restore it from the checkpoint")
+                raise CheckpointError(
+                    f"{index} is not a valid shard index ({e}); restore it from the checkpoint"
+                ) from e
             files = [folder / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -239,6 +241,8 @@ def load_tokenizer(path: str | Path) -> QwenTokenizer:
     """The tokenizer of a checkpoint: ``qwen.tiktoken`` (Qwen v1), HF tokenizer files (Qwen2) or a GGUF's
     own vocabulary."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import read_gguf_tokenizer
 

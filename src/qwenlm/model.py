@@ -82,7 +82,7 @@ class QwenModel(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = token, 0 = padding
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        b, t = input_ids.shape
+        t = input_ids.shape[1]
         past = cache.seq_len if cache is not None else 0
         kv_len = past + t
         if past and cache.ntk_alphas is not None:

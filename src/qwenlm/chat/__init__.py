@@ -14,12 +14,12 @@ from qwenlm.chat.format import (
     get_stop_words_ids,
     make_context,
 )
-from qwenlm.chat.stream import StreamDecoder
+from qwenlm.chat.stream import StreamDecoder, find_stop, truncate_at_stop
 from qwenlm.chat.template import render_chat_template
 
 __all__ = [
-    "CHAT_FORMATS",
     "CHATML",
+    "CHAT_FORMATS",
     "RAW",
     "ChatFormat",
     "ChatML",
@@ -28,8 +28,10 @@ __all__ = [
     "Reply",
     "StreamDecoder",
     "decode_tokens",
+    "find_stop",
     "get_chat_format",
     "get_stop_words_ids",
     "make_context",
     "render_chat_template",
+    "truncate_at_stop",
 ]

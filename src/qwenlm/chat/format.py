@@ -12,10 +12,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from qwenlm.chat.stream import StreamDecoder
 from qwenlm.tokenizer import ENDOFTEXT, IM_END, IM_START
 
 if TYPE_CHECKING:
-    from qwenlm.chat.stream import StreamDecoder
     from qwenlm.tokenizer import QwenTokenizer
 
 History = Sequence[tuple[str, str]]  # (user, assistant) pairs, oldest first
@@ -84,8 +84,6 @@ class ChatFormat(ABC):
         Single-token stop words stop on their id; longer ones are matched as text, which also catches
         them when the model spells them with other tokens.
         """
-        from qwenlm.chat.stream import StreamDecoder
-
         stop_ids, stop_texts = [], list(stop_strings)
         for seq in self.stop_words_ids(tokenizer):
             if len(seq) == 1:

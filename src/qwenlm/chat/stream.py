@@ -2,8 +2,8 @@
 
 Two things are held back until they resolve: the bytes of a UTF-8 character cut between tokens, and a
 tail of text that could be the start of a stop string. Joining every delta (``push`` results, then
-``finish``) gives exactly ``tokenizer.decode(ids)`` cut before the first stop string, where ``ids`` end
-before the first stop id.
+``finish``) gives exactly ``tokenizer.decode(ids)`` cut before the first stop string to complete (see
+``find_stop``), where ``ids`` end before the first stop id.
 """
 
 from __future__ import annotations
@@ -14,6 +14,26 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qwenlm.tokenizer import QwenTokenizer
+
+
+def find_stop(text: str, stop_strings: Iterable[str]) -> tuple[int, str] | None:
+    """Where ``text`` must be cut, and the stop string found there, or None.
+
+    The stop is the first stop string to be *completed* reading left to right, which is where a
+    generation loop would have stopped; of two completed by the same character the longer (earlier
+    starting) one wins.
+    """
+    hits = [(i + len(s), i, s) for s in stop_strings if (i := text.find(s)) >= 0]
+    if not hits:
+        return None
+    _, start, stop = min(hits)
+    return start, stop
+
+
+def truncate_at_stop(text: str, stop_strings: Iterable[str]) -> str:
+    """``text`` before its stop (see ``find_stop``): what a ``StreamDecoder`` emits in total."""
+    hit = find_stop(text, stop_strings)
+    return text if hit is None else text[: hit[0]]
 
 
 class StreamDecoder:
@@ -40,10 +60,10 @@ class StreamDecoder:
     ) -> None:
         if isinstance(stop_strings, str):
             raise TypeError("stop_strings must be a sequence of strings, not one string")
-        if any(not s for s in stop_strings):
+        self.stop_strings = tuple(stop_strings)
+        if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
         self.tokenizer = tokenizer
-        self.stop_strings = tuple(stop_strings)
         self.stop_ids = frozenset(int(i) for i in stop_ids)
         self.skip_special_tokens = skip_special_tokens
         self._bytes = codecs.getincrementaldecoder("utf-8")(errors)
@@ -96,9 +116,9 @@ class StreamDecoder:
 
     def _emit(self, final: bool) -> str:
         text = self._pending
-        hits = [(i, s) for s in self.stop_strings if (i := text.find(s)) >= 0]
-        if hits:
-            cut, self.stop_reason = min(hits, key=lambda hit: hit[0])
+        hit = find_stop(text, self.stop_strings)
+        if hit is not None:
+            cut, self.stop_reason = hit
             self.stopped, self.finished = True, True
             return self._take(cut, keep=False)
         return self._take(len(text) if final else self._safe_length(text), keep=True)

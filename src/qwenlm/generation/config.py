@@ -49,7 +49,9 @@ class GenerationConfig:
         names = {f.name for f in dataclasses.fields(self)} - {"extra"}
         unknown = set(overrides) - names
         if unknown:
-            raise TypeError(f"unknown generation argument(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+            raise TypeError(
+                f"unknown generation argument(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
+            )
         return dataclasses.replace(self, **overrides)
 
     @property

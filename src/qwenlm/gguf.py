@@ -1,0 +1,369 @@
+"""Read a GGUF checkpoint (llama.cpp's format) as Hugging Face-named float tensors, a config and a tokenizer.
+
+Two architectures are understood, named by ``general.architecture``:
+
+* ``qwen2`` (Qwen1.5 / Qwen2 / Qwen2.5): tensors get ``Qwen2ForCausalLM`` names. llama.cpp's converter
+  stores Qwen2's q/k rows as they are (the LLaMA row permutation is not applied, since Qwen2 uses the same
+  rotate-half rotary as HF), so nothing is un-permuted here.
+* ``qwen`` (Qwen v1, as llama.cpp's ``QwenModel`` converter writes it): tensors get the official
+  ``QWenLMHeadModel`` names. llama.cpp's tensor map (``gguf.tensor_mapping``) sends v1's ``mlp.w1`` to
+  ``ffn_up`` and ``mlp.w2`` to ``ffn_gate``: in v1, ``w2`` is the SiLU (gate) branch and ``w1`` the linear
+  (up) branch, so ``ffn_gate -> mlp.w2`` and ``ffn_up -> mlp.w1``.
+
+Every tensor comes out in PyTorch ``Linear`` layout ``[out_features, in_features]`` (GGUF lists dimensions
+innermost first, i.e. the reverse).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwenlm import progress
+from qwenlm.gguf_vocab import tokenizer_from_metadata
+from qwenlm.tokenizer import QwenTokenizer
+
+try:
+    import gguf as _gguf
+except ImportError:  # optional dependency; read_gguf says how to install it
+    _gguf = None
+
+ARCHITECTURES = ("qwen2", "qwen")
+_MAGIC = b"GGUF"
+
+# GGUF tensor name (per block: "blk.{i}." + suffix) -> HF name.
+_QWEN2_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_QWEN2_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_QWEN_NAMES = {
+    "token_embd.weight": "transformer.wte.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output.weight": "lm_head.weight",
+}
+_QWEN_BLOCK = {
+    "attn_norm.weight": "ln_1.weight",
+    "attn_qkv.weight": "attn.c_attn.weight",
+    "attn_qkv.bias": "attn.c_attn.bias",
+    "attn_output.weight": "attn.c_proj.weight",
+    "ffn_norm.weight": "ln_2.weight",
+    "ffn_gate.weight": "mlp.w2.weight",  # SiLU branch
+    "ffn_up.weight": "mlp.w1.weight",  # linear branch
+    "ffn_down.weight": "mlp.c_proj.weight",
+}
+# Tensors llama.cpp may write that carry nothing these models need.
+_IGNORED = {"rope_freqs.weight"}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+@dataclass
+class GGUFCheckpoint:
+    """Everything :func:`read_gguf` takes out of one GGUF file."""
+
+    path: Path
+    architecture: str  # "qwen2" or "qwen"
+    general_name: str | None
+    config: dict[str, Any]  # an HF-style config.json (Qwen2Config keys, or official Qwen v1 keys)
+    tensors: dict[str, torch.Tensor]  # HF names, [out, in] layout
+    tokenizer: QwenTokenizer
+    chat_template: str | None
+    eos_token_id: int
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_bar: bool = True) -> GGUFCheckpoint:
+    """Read and dequantise a Qwen GGUF file.
+
+    ``dtype`` is the floating type of every returned tensor (dequantisation itself runs in float32).
+    """
+    path = Path(path)
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+    reader = open_gguf(path)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    source = str(path)
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"{source}: general.architecture is {arch!r}; only {' and '.join(ARCHITECTURES)} (Qwen) GGUF files "
+            f"can be read"
+        )
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    config = (_qwen2_config if arch == "qwen2" else _qwen_config)(meta, shapes, source)
+    names = _hf_names(arch, shapes, config["num_hidden_layers"], source)
+    _check_shapes(names, shapes, _expected_shapes(arch, config), source)
+    _check_types(reader, source)
+
+    tokenizer = tokenizer_from_metadata(meta, source)
+    config.update(
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id", tokenizer.eod_id),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype=str(dtype).removeprefix("torch."),
+    )
+    if len(tokenizer) > config["vocab_size"]:
+        raise ValueError(
+            f"{source}: the vocabulary has {len(tokenizer)} tokens but token_embd.weight only "
+            f"{config['vocab_size']} rows; the file is inconsistent"
+        )
+    tensors = {}
+    todo = [t for t in reader.tensors if t.name in names]
+    # Counted in weights, not tensors: the two embedding matrices are a third of the work.
+    bar = progress.bar(sum(int(t.n_elements) for t in todo), f"dequantising {path.name}", "w", progress_bar,
+                       unit_scale=True)  # fmt: skip
+    try:
+        for t in todo:
+            tensors[names[t.name]] = _dequantize(t, dtype)
+            bar.update(int(t.n_elements))
+    finally:
+        bar.close()
+    return GGUFCheckpoint(
+        path=path,
+        architecture=arch,
+        general_name=meta.get("general.name"),
+        config=config,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        chat_template=meta.get("tokenizer.chat_template"),
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def read_gguf_tokenizer(path: str | Path) -> QwenTokenizer:
+    """Only the tokenizer of a GGUF file (no tensor is read)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    return tokenizer_from_metadata({name: field.contents() for name, field in reader.fields.items()}, str(path))
+
+
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` on ``path``, with errors that name the file and say what is wrong with it."""
+    if _gguf is None:
+        raise ImportError('reading GGUF files needs the gguf package: pip install "qwenlm[gguf]" (or pip install gguf)')
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist (or is not a file)")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != _MAGIC:
+        raise ValueError(
+            f"{path} is not a GGUF file: it starts with {magic!r}, not {_MAGIC!r} "
+            f"(a .safetensors or .bin checkpoint needs a checkpoint folder instead)"
+        )
+    try:
+        return _reader_class()(path)
+    except (ValueError, IndexError, OSError) as e:
+        # The reader memory-maps the file; a short file surfaces as a failed reshape or index.
+        raise ValueError(
+            f"{path} is truncated or corrupt ({path.stat().st_size:,} bytes; reader said: {e}); "
+            f"download or build it again"
+        ) from e
+
+
+def _reader_class() -> type:
+    class PlainArrayReader(_gguf.GGUFReader):
+        """GGUFReader whose file map is a plain ndarray view rather than an ``np.memmap``.
+
+        The reader slices the map once or twice per vocabulary string, and every ``memmap`` slice pays for
+        ``__array_finalize__``: opening Qwen's 152k-token vocabulary drops from ~7 s to ~2 s this way.
+        The view keeps the memory map alive through its ``base``.
+        """
+
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)
+
+    return PlainArrayReader
+
+
+def supported_types() -> list[str]:
+    """Names of the GGUF tensor types the ``gguf`` package can dequantise."""
+    traits = getattr(_gguf.quants, "_type_traits", {})  # private in gguf 0.19; fall back to the plain types
+    types = {_gguf.GGMLQuantizationType.F32, _gguf.GGMLQuantizationType.F16, *traits}
+    return sorted(t.name for t in types)
+
+
+def _check_types(reader: Any, source: str) -> None:
+    # Before any work: dequantising the rest of a file only to fail on its last tensor wastes seconds.
+    supported = set(supported_types())
+    for t in reader.tensors:
+        if t.tensor_type.name not in supported:
+            raise ValueError(
+                f"{source}: tensor {t.name} is stored as {t.tensor_type.name}, which cannot be dequantised; "
+                f"supported types: {', '.join(supported_types())}"
+            )
+
+
+def _dequantize(t: Any, dtype: torch.dtype) -> torch.Tensor:
+    array = _gguf.quants.dequantize(t.data, t.tensor_type)
+    array = np.ascontiguousarray(array, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+    if not array.flags.writeable:  # F32 tensors come back as a view of the read-only memory map
+        array = array.copy()
+    return torch.from_numpy(array).to(dtype)
+
+
+# -- names and shapes ---------------------------------------------------------------------------------
+def _hf_names(arch: str, shapes: dict[str, tuple[int, ...]], n_layers: int, source: str) -> dict[str, str]:
+    top, block = (_QWEN2_NAMES, _QWEN2_BLOCK) if arch == "qwen2" else (_QWEN_NAMES, _QWEN_BLOCK)
+    prefix = "model.layers" if arch == "qwen2" else "transformer.h"
+    names = {}
+    for name in shapes:
+        if name in _IGNORED:
+            continue
+        m = _BLOCK_RE.fullmatch(name)
+        if name in top:
+            names[name] = top[name]
+        elif m and m.group(2) in block and int(m.group(1)) < n_layers:
+            names[name] = f"{prefix}.{m.group(1)}.{block[m.group(2)]}"
+        else:
+            raise ValueError(
+                f"{source}: unexpected tensor {name!r} for a {arch} model with {n_layers} layers; "
+                f"is general.architecture right?"
+            )
+    return names
+
+
+def _expected_shapes(arch: str, c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> [out, in] shape; ``output.weight`` is optional (absent = tied to the embedding)."""
+    h, vocab = c["hidden_size"], c["vocab_size"]
+    if arch == "qwen2":
+        hd = c.get("head_dim", h // c["num_attention_heads"])
+        q, kv, ff = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd, c["intermediate_size"]
+        block = {
+            "attn_norm.weight": (h,), "attn_q.weight": (q, h), "attn_q.bias": (q,),
+            "attn_k.weight": (kv, h), "attn_k.bias": (kv,), "attn_v.weight": (kv, h), "attn_v.bias": (kv,),
+            "attn_output.weight": (h, q), "ffn_norm.weight": (h,),
+            "ffn_gate.weight": (ff, h), "ffn_up.weight": (ff, h), "ffn_down.weight": (h, ff),
+        }  # fmt: skip
+    else:
+        q, ff = c["num_attention_heads"] * c["kv_channels"], c["intermediate_size"] // 2
+        block = {
+            "attn_norm.weight": (h,), "attn_qkv.weight": (3 * q, h), "attn_qkv.bias": (3 * q,),
+            "attn_output.weight": (h, q), "ffn_norm.weight": (h,),
+            "ffn_gate.weight": (ff, h), "ffn_up.weight": (ff, h), "ffn_down.weight": (h, ff),
+        }  # fmt: skip
+    shapes = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,)}
+    for i in range(c["num_hidden_layers"]):
+        shapes.update({f"blk.{i}.{k}": v for k, v in block.items()})
+    return shapes
+
+
+def _check_shapes(
+    names: dict[str, str], shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: str
+) -> None:
+    missing = sorted(set(expected) - set(names), key=_natural)
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} tensors are missing (first: {missing[0]}); the file is incomplete")
+    expected = {**expected, "output.weight": expected["token_embd.weight"]}
+    for name in names:
+        if shapes[name] != expected[name]:
+            raise ValueError(
+                f"{source}: tensor {name} has shape {list(shapes[name])} ([out, in]) but the metadata implies "
+                f"{list(expected[name])}; the file's metadata and tensors disagree"
+            )
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+# -- config -------------------------------------------------------------------------------------------
+def _need(meta: dict[str, Any], key: str, source: str, what: str = "metadata key") -> Any:
+    if key not in meta:
+        raise ValueError(f"{source}: GGUF {what} {key!r} is missing; the file cannot describe its model")
+    return meta[key]
+
+
+def _f32(value: float) -> float:
+    # GGUF stores floats as float32: 1e-6 reads back as 9.99999997e-07; keep the number the author wrote.
+    return float(str(np.float32(value)))
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling = {"type": kind, "rope_type": kind, "factor": _f32(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
+    if f"{arch}.rope.scaling.original_context_length" in meta:
+        scaling["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+    return scaling
+
+
+def _qwen2_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    heads = int(_need(meta, "qwen2.attention.head_count", source))
+    hidden = int(_need(meta, "qwen2.embedding_length", source))
+    config: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": _need(shapes, "token_embd.weight", source, "tensor")[0],
+        "hidden_size": hidden,
+        "intermediate_size": int(_need(meta, "qwen2.feed_forward_length", source)),
+        "num_hidden_layers": int(_need(meta, "qwen2.block_count", source)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get("qwen2.attention.head_count_kv", heads)),
+        "rope_theta": _f32(meta.get("qwen2.rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(_need(meta, "qwen2.attention.layer_norm_rms_epsilon", source)),
+        "max_position_embeddings": int(_need(meta, "qwen2.context_length", source)),
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+    }
+    head_dim = int(meta.get("qwen2.attention.key_length", hidden // heads))
+    if head_dim != hidden // heads:
+        config["head_dim"] = head_dim
+    if scaling := _rope_scaling(meta, "qwen2"):
+        config["rope_scaling"] = scaling
+    return config
+
+
+def _qwen_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, Any]:
+    heads = int(_need(meta, "qwen.attention.head_count", source))
+    qkv_rows = _need(shapes, "blk.0.attn_qkv.weight", source, "tensor")[0]
+    gate_rows = _need(shapes, "blk.0.ffn_gate.weight", source, "tensor")[0]
+    context = int(_need(meta, "qwen.context_length", source))
+    return {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "vocab_size": _need(shapes, "token_embd.weight", source, "tensor")[0],
+        "hidden_size": int(_need(meta, "qwen.embedding_length", source)),
+        # Qwen v1's config holds twice the MLP width (w1 and w2 are each half of it); llama.cpp's converter
+        # copies that number into feed_forward_length, so the tensor shape is the safer source.
+        "intermediate_size": 2 * gate_rows,
+        "num_hidden_layers": int(_need(meta, "qwen.block_count", source)),
+        "num_attention_heads": heads,
+        "kv_channels": qkv_rows // (3 * heads),
+        "rotary_emb_base": _f32(meta.get("qwen.rope.freq_base", 10000.0)),
+        "rotary_pct": 1.0,
+        "layer_norm_epsilon": _f32(_need(meta, "qwen.attention.layer_norm_rms_epsilon", source)),
+        "max_position_embeddings": context,
+        # The GGUF does not keep v1's training length (8192 for Qwen-7B); with the context length in its
+        # place, dynamic NTK and LogN (on, as in the official configs) only act beyond the stored context.
+        "seq_length": context,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "no_bias": True,
+        "tie_word_embeddings": "output.weight" not in shapes,
+    }

@@ -1,0 +1,63 @@
+"""Small checkpoints built by the tests themselves, in the official layouts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qwenlm import QwenConfig, QwenForCausalLM
+from tests.shared import shared_path
+
+
+def tiny_config(**overrides) -> QwenConfig:
+    values = dict(vocab_size=151936, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, kv_channels=8,
+                  intermediate_size=64, seq_length=64, max_position_embeddings=512, use_dynamic_ntk=True,
+                  use_logn_attn=True)  # fmt: skip
+    values.update(overrides)
+    return QwenConfig(**values)
+
+
+def random_model(config: QwenConfig, seed: int = 0) -> QwenForCausalLM:
+    torch.manual_seed(seed)
+    model = QwenForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.uniform_(0.75, 1.25)
+            else:
+                p.normal_(0, 0.5 if "wte" in name or "lm_head" in name else 0.2)
+    return model.eval()
+
+
+def write_checkpoint(model: QwenForCausalLM, folder: Path, shards: int = 1, tokenizer: bool = True,
+                     generation_config: dict | None = None) -> Path:  # fmt: skip
+    """Write ``model`` as an official Qwen v1 folder: config.json, (sharded) safetensors, qwen.tiktoken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = list(state)
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for i in range(shards):
+            part = names[i * per : (i + 1) * per]
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: state[k] for k in part}, str(folder / fname))
+            weight_map.update({k: fname for k in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer:
+        shutil.copy(shared_path("qwen-7b", "qwen.tiktoken"), folder / "qwen.tiktoken")
+    gen = generation_config or {"eos_token_id": 151643, "pad_token_id": 151643, "stop_words_ids": [[151643]],
+                                "max_new_tokens": 16, "do_sample": False}  # fmt: skip
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    return folder
+
+
+def tiny_checkpoint(folder: Path, shards: int = 1, **config) -> Path:
+    return write_checkpoint(random_model(tiny_config(**config)), folder, shards=shards)

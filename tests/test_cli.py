@@ -1,0 +1,69 @@
+"""The ``qwenlm`` command, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.builders import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qwenlm", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_streams_text(ckpt):
+    r = run("generate", "--model", str(ckpt), "Hello", "--max-new-tokens", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello") and len(r.stdout) > len("Hello\n")
+    assert "tok/s" in r.stderr
+
+
+def test_generate_sampling_flags_reproducible(ckpt):
+    args = ["generate", "--model", str(ckpt), "Hi", "--max-new-tokens", "6", "--do-sample", "--top-p", "0.9",
+            "--temperature", "1.5", "--seed", "3"]  # fmt: skip
+    assert run(*args).stdout == run(*args).stdout
+
+
+def test_info_json(ckpt):
+    r = run("info", "--model", str(ckpt), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["config"]["hidden_size"] == 32 and info["dtype"] == "float32" and info["parameters"] > 0
+
+
+def test_info_text(ckpt):
+    r = run("info", "--model", str(ckpt))
+    assert r.returncode == 0 and "parameters" in r.stdout and "DynamicNTK" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+        (["--temperature", "-1"], "temperature must be >= 0, got -1.0"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_values_exit_cleanly(ckpt, args, message):
+    r = run("generate", "--model", str(ckpt), "Hi", *args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_model_exits_cleanly(tmp_path):
+    r = run("generate", "--model", str(tmp_path / "nope"), "Hi")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_folder_without_tokenizer(tmp_path):
+    r = run("info", "--model", str(tmp_path))
+    assert r.returncode == 2 and "qwen.tiktoken" in r.stderr

@@ -67,3 +67,20 @@ def test_missing_model_exits_cleanly(tmp_path):
 def test_folder_without_tokenizer(tmp_path):
     r = run("info", "--model", str(tmp_path))
     assert r.returncode == 2 and "qwen.tiktoken" in r.stderr
+
+
+def test_bench_json(ckpt):
+    r = run("bench", "--model", str(ckpt), "--precision", "int8", "--prompt-tokens", "16", "--new-tokens", "4",
+            "--runs", "1", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "precision", "threads"):
+        assert key in result
+    assert result["precision"] == "int8" and result["decode_tok_s"] > 0
+
+
+def test_quantize_command(ckpt, tmp_path):
+    r = run("quantize", str(ckpt), str(tmp_path / "q4"), "--bits", "4")
+    assert r.returncode == 0, r.stderr
+    r = run("generate", "--model", str(tmp_path / "q4"), "Hi", "--max-new-tokens", "3")
+    assert r.returncode == 0 and r.stdout.startswith("Hi")

@@ -1,0 +1,100 @@
+"""``qwenlm bench``: prefill and decode speed of one model at one precision, medians after a warm-up."""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_model
+from .model import QwenForCausalLM
+
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "auto")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process in MiB (VmHWM; falls back to getrusage off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def with_precision(model: QwenForCausalLM, precision: str) -> QwenForCausalLM:
+    """The model at ``precision`` (``auto``: int8 weights on CPU, bf16 on GPU)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "int8" if model.device.type == "cpu" else "bf16"
+    if precision == "fp32":
+        return model.float()
+    if precision == "bf16":
+        return model.to(torch.bfloat16)
+    from .quant import quantize
+
+    return quantize(model, 8 if precision == "int8" else 4)
+
+
+def _one_run(model: QwenForCausalLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, float]:
+    with torch.inference_mode():
+        cache = model.new_cache(ids.shape[1] + new_tokens)
+        t0 = time.perf_counter()
+        logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            tok = model(tok, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, t1 - t0
+
+
+def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int = 128, batch: int = 1,
+              runs: int = 3, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Time prefill of ``prompt_tokens`` random ids and greedy decoding of ``new_tokens``; medians of ``runs``."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 to time decoding, got {new_tokens}")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(model.config.vocab_size, 151643), (batch, prompt_tokens), generator=g)
+    ids = ids.to(model.device)
+    _one_run(model, ids[:, : min(prompt_tokens, 32)], 4)  # warm-up
+    results = [_one_run(model, ids, new_tokens) for _ in range(runs)]
+    prefill = statistics.median(r[0] for r in results)
+    decode = statistics.median(r[1] for r in results)
+    return {
+        "prefill_tok_s": batch * prompt_tokens / prefill,
+        "decode_tok_s": batch * (new_tokens - 1) / decode,
+        "ttft_s": statistics.median(r[2] for r in results),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "batch": batch,
+        "runs": runs,
+    }
+
+
+def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "cpu", **kwargs: Any) -> dict[str, Any]:
+    t = time.perf_counter()
+    model = with_precision(load_model(path, dtype="float32", device=device), precision)
+    load_s = time.perf_counter() - t
+    out = run_bench(model, **kwargs)
+    weight_bytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
+    out.update(precision=getattr(model, "quantization", None) and f"int{model.quantization['bits']}"
+               or str(model.dtype).replace("torch.", ""), load_s=load_s, weight_mb=weight_bytes / 2**20,
+               model=os.path.basename(str(path)), device=str(model.device))  # fmt: skip
+    return out
+
+
+def clone_with_precision(model: QwenForCausalLM, precision: str) -> QwenForCausalLM:
+    return with_precision(copy.deepcopy(model), precision)

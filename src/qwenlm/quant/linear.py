@@ -1,0 +1,131 @@
+"""Weight-only quantised linear layers on PyTorch's own packed-weight kernels.
+
+- ``Int8Linear``: per-output-channel symmetric int8 (``aten._weight_int8pack_mm``).
+- ``Int4Linear``: group-wise asymmetric 4-bit (``aten._weight_int4pack_mm_for_cpu`` on CPU,
+  ``aten._weight_int4pack_mm`` on CUDA).
+
+Activations run through the kernels in bf16 (the CPU kernels are slow with fp32 activations) and come back
+in the caller's dtype. For many rows at once (prefill) the weight is dequantised to bf16 once per call and
+multiplied on the matrix units instead: matrix-vector kernels are for decoding, matrix products for prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNEL_DTYPE = torch.bfloat16
+PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=KERNEL_DTYPE, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q = torch.clamp(torch.round(w / scales[:, None]), -127, 127).to(torch.int8)
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device)
+        out.weight.copy_(q)
+        out.scales.copy_(scales.to(KERNEL_DTYPE))
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.to(KERNEL_DTYPE) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
+        if x2.shape[0] >= PREFILL_ROWS or x.device.type != "cpu":
+            y = F.linear(x2, self.dequantize())
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+class Int4Linear(nn.Module):
+    """4-bit weights in groups of ``group_size`` input features, each group with a scale and a zero point.
+
+    ``qweight`` holds the unpacked 4-bit values two per byte (the portable form that is saved);
+    the kernel's packed layout is made on the device at first use.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32, device=None) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"in_features {in_features} is not a multiple of the 4-bit group size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        # (groups, out, 2): scale and zero in the kernel's convention, w = (q - 8) * scale + zero
+        self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=KERNEL_DTYPE, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self._packed: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        out = cls(k, n, linear.bias is not None, group_size, device=w.device)
+        g = w.reshape(n, k // group_size, group_size)
+        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        scale = (hi - lo).clamp(min=1e-8) / 15.0
+        q = torch.clamp(torch.round((g - lo) / scale), 0, 15).to(torch.uint8).reshape(n, k)
+        zero = lo + 8 * scale  # so that w = (q - 8) * scale + zero
+        out.qweight.copy_(q[:, ::2] | (q[:, 1::2] << 4))
+        sz = torch.stack([scale.reshape(n, -1).t(), zero.reshape(n, -1).t()], dim=-1)
+        out.scales_and_zeros.copy_(sz.to(KERNEL_DTYPE))
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return out
+
+    def _values(self) -> torch.Tensor:
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device=self.qweight.device)
+        q[:, ::2] = self.qweight & 0x0F
+        q[:, 1::2] = self.qweight >> 4
+        return q
+
+    def dequantize(self) -> torch.Tensor:
+        q = self._values().to(KERNEL_DTYPE).reshape(self.out_features, -1, self.group_size)
+        scale = self.scales_and_zeros[..., 0].t()[..., None]
+        zero = self.scales_and_zeros[..., 1].t()[..., None]
+        return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
+
+    def _kernel_weight(self) -> torch.Tensor:
+        if self._packed is None or self._packed.device != self.qweight.device:
+            q = self._values().to(torch.int32)
+            if self.qweight.device.type == "cpu":
+                self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            else:
+                packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+                self._packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
+        if x2.shape[0] >= PREFILL_ROWS:
+            y = F.linear(x2, self.dequantize())
+        elif x.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group_size,
+                                                           self.scales_and_zeros)  # fmt: skip
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self._kernel_weight(), self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 groups of {self.group_size}"

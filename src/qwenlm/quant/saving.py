@@ -1,0 +1,73 @@
+"""Quantised checkpoints: a folder like any other (``config.json`` + safetensors + tokenizer files) whose
+config carries ``"quantization": {"bits": 8|4, "group_size": …}``; ``load_model`` rebuilds the quantised
+layers before assigning the saved tensors, so nothing is dequantised and requantised on the way."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model, load_tokenizer
+from ..convert import save_safetensors, save_tiktoken_bpe
+from ..generation.config import GENERATION_CONFIG_FILE
+from ..hf_tokenizer import save_hf_tokenizer
+from ..tokenizer import VOCAB_FILE, qwen_special_tokens
+from . import quantize
+
+QUANT_KEY = "quantization"
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 32) -> Path:
+    """Load ``src`` (any supported checkpoint) in fp32, quantise it and write it to the new folder ``dst``."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new folder or remove it")
+    tokenizer = load_tokenizer(src)
+    model = quantize(load_model(src, dtype="float32", device="cpu"), bits, group_size)
+    dst.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_safetensors(state, dst)
+    config = model.config.to_dict()
+    config[QUANT_KEY] = model.quantization
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _save_tokenizer(src, dst, tokenizer)
+    gen = {k: v for k, v in dataclasses.asdict(model.generation_config).items() if k != "extra" and v is not None}
+    (dst / GENERATION_CONFIG_FILE).write_text(json.dumps(gen, indent=2) + "\n")
+    return dst
+
+
+def _save_tokenizer(src: Path, dst: Path, tokenizer) -> None:
+    if src.is_dir():
+        for name in (VOCAB_FILE, "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+            if (src / name).is_file():
+                shutil.copy(src / name, dst / name)
+        return
+    if tokenizer.special_tokens == qwen_special_tokens(tokenizer.first_special_id):
+        save_tiktoken_bpe(tokenizer.mergeable_ranks, dst / VOCAB_FILE)
+        return
+    chat_template = None
+    if src.suffix == ".gguf":
+        from ..gguf import read_gguf_field
+
+        chat_template = read_gguf_field(src, "tokenizer.chat_template")
+    save_hf_tokenizer(tokenizer, dst, chat_template=chat_template)
+
+
+def quantization_of(config_extra: dict) -> tuple[int, int] | None:
+    q = config_extra.get(QUANT_KEY)
+    if not q:
+        return None
+    bits, group = q.get("bits"), q.get("group_size") or 32
+    if bits not in (4, 8):
+        raise ValueError(f"config.json: quantization bits {bits!r} is not supported (8 or 4)")
+    return bits, group
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return getattr(model, "quantization", None) is not None

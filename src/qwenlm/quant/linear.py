@@ -1,6 +1,7 @@
 """Weight-only quantised linear layers on PyTorch's own packed-weight kernels.
 
-- ``Int8Linear``: per-output-channel symmetric int8 (``aten._weight_int8pack_mm``).
+- ``Int8Linear``: per-output-channel symmetric int8 (our AVX-512 kernel in ``gemv.c`` where it builds,
+  else ``aten._weight_int8pack_mm``).
 - ``Int4Linear``: group-wise asymmetric 4-bit (``aten._weight_int4pack_mm_for_cpu`` on CPU,
   ``aten._weight_int4pack_mm`` on CUDA).
 
@@ -15,8 +16,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
+
+
+class _Derived:
+    """Tensors derived from a layer's buffers for one kernel, rebuilt when the buffers are replaced."""
+
+    def __init__(self) -> None:
+        self.key: tuple = ()
+        self.value: tuple = ()
+
+    def get(self, source: torch.Tensor, build) -> tuple:
+        key = (source.data_ptr(), source.device)
+        if key != self.key:
+            self.key, self.value = key, build()
+        return self.value
+
+
+def _use_own_kernels(x2: torch.Tensor, in_features: int, multiple: int) -> bool:
+    return x2.device.type == "cpu" and in_features % multiple == 0 and cpu_kernels.library() is not None
 
 
 class Int8Linear(nn.Module):
@@ -26,6 +47,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=KERNEL_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self._derived = _Derived()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -39,14 +61,17 @@ class Int8Linear(nn.Module):
             out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return out
 
-    def dequantize(self) -> torch.Tensor:
-        return self.weight.to(KERNEL_DTYPE) * self.scales[:, None]
+    def dequantize(self, dtype: torch.dtype = KERNEL_DTYPE) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scales[:, None].to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
         if x2.shape[0] >= PREFILL_ROWS or x.device.type != "cpu":
             y = F.linear(x2, self.dequantize())
+        elif _use_own_kernels(x2, self.in_features, 64):
+            (scale,) = self._derived.get(self.weight, lambda: (self.scales.float().contiguous(),))
+            y = cpu_kernels.gemv_i8(x.reshape(-1, shape[-1]).float().contiguous(), self.weight, scale)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -71,7 +96,9 @@ class Int4Linear(nn.Module):
         groups = in_features // group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         # (groups, out, 2): scale and zero in the kernel's convention, w = (q - 8) * scale + zero
-        self.register_buffer("scales_and_zeros", torch.empty(groups, out_features, 2, dtype=KERNEL_DTYPE, device=device))
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=KERNEL_DTYPE, device=device)
+        )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
         self._packed: torch.Tensor | None = None
 
@@ -98,10 +125,10 @@ class Int4Linear(nn.Module):
         q[:, 1::2] = self.qweight >> 4
         return q
 
-    def dequantize(self) -> torch.Tensor:
-        q = self._values().to(KERNEL_DTYPE).reshape(self.out_features, -1, self.group_size)
-        scale = self.scales_and_zeros[..., 0].t()[..., None]
-        zero = self.scales_and_zeros[..., 1].t()[..., None]
+    def dequantize(self, dtype: torch.dtype = KERNEL_DTYPE) -> torch.Tensor:
+        q = self._values().to(dtype).reshape(self.out_features, -1, self.group_size)
+        scale = self.scales_and_zeros[..., 0].t()[..., None].to(dtype)
+        zero = self.scales_and_zeros[..., 1].t()[..., None].to(dtype)
         return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
 
     def _kernel_weight(self) -> torch.Tensor:

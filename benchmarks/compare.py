@@ -1,0 +1,163 @@
+"""qwenlm (each precision) vs HF transformers vs llama.cpp on the demo model, in one run.
+
+    python benchmarks/compare.py [--runs 3] [--prompt 512] [--new 128] [--batch8-new 32] [--json OUT]
+                                 [--engines qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,hf-fp32,hf-bf16,llamacpp]
+
+Each engine runs in its own process (so peak memory is its own), on the same GGUF weights: qwenlm loads the
+GGUF, HF transformers runs its own Qwen2ForCausalLM on the weights dequantised to fp32 (cast for bf16), and
+llama.cpp (llama-cpp-python, n_threads=2) runs the GGUF as shipped. Medians of --runs after a warm-up.
+Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+BANDWIDTH_GB_S = 22.0  # measured read bandwidth of this machine with 2 threads (shared/real-model/baseline.md)
+
+
+def child_qwenlm(precision: str, args) -> dict:
+    from qwenlm.bench import bench_checkpoint, run_bench, with_precision
+    from qwenlm.checkpoint import load_model
+    from qwenlm.demo import demo_model_path
+
+    path = demo_model_path(progress_bar=False)
+    r = bench_checkpoint(path, precision, prompt_tokens=args.prompt, new_tokens=args.new, runs=args.runs)
+    model = with_precision(load_model(path, dtype="float32", device="cpu"), precision)
+    r8 = run_bench(model, prompt_tokens=64, new_tokens=args.batch8_new, batch=8, runs=args.runs)
+    # weights read per decoded token: every linear plus one embedding row
+    read = sum(b.numel() * b.element_size() for n, b in list(model.named_parameters()) + list(model.named_buffers())
+               if "wte" not in n)  # fmt: skip
+    r.update(batch8_tok_s=r8["decode_tok_s"], bytes_per_token=read)
+    return r
+
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+
+
+def _hf_model(dtype_name: str):
+    import torch
+    from layer_stack import to_hf
+
+    from qwenlm.checkpoint import load_model
+    from qwenlm.demo import demo_model_path
+
+    ours = load_model(demo_model_path(progress_bar=False), dtype="float32", device="cpu")
+    return to_hf(ours, getattr(torch, dtype_name))
+
+
+def child_hf(dtype_name: str, args) -> dict:
+    import torch
+    from layer_stack import time_hf
+
+    from qwenlm.bench import peak_rss_mb
+
+    hf = _hf_model(dtype_name).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 151643, (1, args.prompt), generator=g)
+    time_hf(hf, ids[:, :32], 4)
+    runs = [time_hf(hf, ids, args.new) for _ in range(args.runs)]
+    pre, dec = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    ids8 = torch.randint(0, 151643, (8, 64), generator=g)
+    runs8 = [time_hf(hf, ids8, args.batch8_new) for _ in range(args.runs)]
+    dec8 = statistics.median(r[1] for r in runs8)
+    read = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed_tokens" not in n)
+    return {"prefill_tok_s": args.prompt / pre, "decode_tok_s": args.new / dec, "ttft_s": pre,
+            "batch8_tok_s": 8 * args.batch8_new / dec8, "peak_rss_mb": peak_rss_mb(),
+            "bytes_per_token": read, "precision": dtype_name}  # fmt: skip
+
+
+def child_llamacpp(args) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    from qwenlm.bench import peak_rss_mb
+    from qwenlm.demo import demo_model_path
+
+    llm = Llama(model_path=str(demo_model_path(progress_bar=False)), n_ctx=1024, n_batch=512, n_threads=2,
+                n_threads_batch=2, verbose=False)  # fmt: skip
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 151643, args.prompt).tolist()
+
+    def once():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        for _ in range(args.new - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return t1 - t0, time.perf_counter() - t1
+
+    once()
+    runs = [once() for _ in range(args.runs)]
+    pre, dec = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    return {"prefill_tok_s": args.prompt / pre, "decode_tok_s": (args.new - 1) / dec, "ttft_s": pre,
+            "batch8_tok_s": None, "peak_rss_mb": peak_rss_mb(), "bytes_per_token": 491_400_064 - 151936 * 896 * 0.69,
+            "precision": "gguf Q4_K_M"}  # fmt: skip
+
+
+def run_child(engine: str, args) -> dict | str:
+    cmd = [sys.executable, __file__, "--child", engine, "--runs", str(args.runs), "--prompt", str(args.prompt),
+           "--new", str(args.new), "--batch8-new", str(args.batch8_new)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batch8-new", type=int, default=32)
+    ap.add_argument("--engines", default="qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,hf-fp32,hf-bf16,llamacpp")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.child:
+        kind, _, precision = args.child.partition("-")
+        result = {
+            "qwenlm": lambda: child_qwenlm(precision, args),
+            "hf": lambda: child_hf({"fp32": "float32", "bf16": "bfloat16"}[precision], args),
+            "llamacpp": lambda: child_llamacpp(args),
+        }[kind]()
+        print(json.dumps(result))
+        return
+    results = {}
+    for engine in args.engines.split(","):
+        print(f"running {engine}…", file=sys.stderr, flush=True)
+        results[engine] = run_child(engine, args)
+    ok = {k: v for k, v in results.items() if isinstance(v, dict)}
+    base_lc = ok.get("llamacpp")
+    base_hf = ok.get("hf-fp32")
+    hdr = (f"{'engine':13s} {'prefill t/s':>11s} {'decode t/s':>10s} {'b8 t/s':>7s} {'TTFT s':>7s} {'peak MB':>8s} "
+           f"{'GB/s':>5s} {'of BW':>6s} {'dec/llama':>9s} {'dec/HF32':>8s} {'pre/llama':>9s}")  # fmt: skip
+    print(hdr)
+    for engine, r in results.items():
+        if not isinstance(r, dict):
+            print(f"{engine:13s} unavailable: {r}")
+            continue
+        gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
+
+        def ratio(key: str, base: dict | None, r: dict = r) -> str:
+            return f"{r[key] / base[key]:.2f}x" if base else "-"
+
+        b8 = f"{r['batch8_tok_s']:7.1f}" if r.get("batch8_tok_s") else f"{'-':>7s}"
+        print(f"{engine:13s} {r['prefill_tok_s']:11.1f} {r['decode_tok_s']:10.2f} {b8} {r['ttft_s']:7.2f} "
+              f"{r['peak_rss_mb']:8.0f} {gbs:5.1f} {gbs / BANDWIDTH_GB_S:6.0%} {ratio('decode_tok_s', base_lc):>9s} "
+              f"{ratio('decode_tok_s', base_hf):>8s} {ratio('prefill_tok_s', base_lc):>9s}")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import time
@@ -90,11 +89,8 @@ def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "c
     load_s = time.perf_counter() - t
     out = run_bench(model, **kwargs)
     weight_bytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
-    out.update(precision=getattr(model, "quantization", None) and f"int{model.quantization['bits']}"
-               or str(model.dtype).replace("torch.", ""), load_s=load_s, weight_mb=weight_bytes / 2**20,
+    quant = getattr(model, "quantization", None)
+    precision_name = f"int{quant['bits']}" if quant else str(model.dtype).replace("torch.", "")
+    out.update(precision=precision_name, load_s=load_s, weight_mb=weight_bytes / 2**20,
                model=os.path.basename(str(path)), device=str(model.device))  # fmt: skip
     return out
-
-
-def clone_with_precision(model: QwenForCausalLM, precision: str) -> QwenForCausalLM:
-    return with_precision(copy.deepcopy(model), precision)

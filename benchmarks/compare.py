@@ -5,7 +5,7 @@
 
 Each engine runs in its own process (so peak memory is its own), on the same GGUF weights: qwenlm loads the
 GGUF, HF transformers runs its own Qwen2ForCausalLM on the weights dequantised to fp32 (cast for bf16), and
-llama.cpp (llama-cpp-python, n_threads=2) runs the GGUF as shipped. Medians of --runs after a warm-up.
+llama.cpp (llama-cpp-python, n_threads=--threads) runs the GGUF as shipped. Medians of --runs after a warm-up.
 Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth.
 """
 
@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 
-BANDWIDTH_GB_S = 22.0  # measured read bandwidth of this machine with 2 threads (shared/real-model/baseline.md)
+# measured read bandwidth of this machine by thread count (see the baseline notes of the demo model)
+BANDWIDTH_GB_S = {1: 12.0, 2: 22.0}
 
 
 def child_qwenlm(precision: str, args) -> dict:
@@ -79,8 +80,8 @@ def child_llamacpp(args) -> dict:
     from qwenlm.bench import peak_rss_mb
     from qwenlm.demo import demo_model_path
 
-    llm = Llama(model_path=str(demo_model_path(progress_bar=False)), n_ctx=1024, n_batch=512, n_threads=2,
-                n_threads_batch=2, verbose=False)  # fmt: skip
+    llm = Llama(model_path=str(demo_model_path(progress_bar=False)), n_ctx=1024, n_batch=512,
+                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)  # fmt: skip
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 151643, args.prompt).tolist()
 
@@ -105,7 +106,7 @@ def child_llamacpp(args) -> dict:
 
 def run_child(engine: str, args) -> dict | str:
     cmd = [sys.executable, __file__, "--child", engine, "--runs", str(args.runs), "--prompt", str(args.prompt),
-           "--new", str(args.new), "--batch8-new", str(args.batch8_new)]  # fmt: skip
+           "--new", str(args.new), "--batch8-new", str(args.batch8_new), "--threads", str(args.threads)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
@@ -120,9 +121,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch8-new", type=int, default=32)
     ap.add_argument("--engines", default="qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,hf-fp32,hf-bf16,llamacpp")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
         kind, _, precision = args.child.partition("-")
         result = {
             "qwenlm": lambda: child_qwenlm(precision, args),
@@ -152,7 +157,8 @@ def main() -> None:
 
         b8 = f"{r['batch8_tok_s']:7.1f}" if r.get("batch8_tok_s") else f"{'-':>7s}"
         print(f"{engine:13s} {r['prefill_tok_s']:11.1f} {r['decode_tok_s']:10.2f} {b8} {r['ttft_s']:7.2f} "
-              f"{r['peak_rss_mb']:8.0f} {gbs:5.1f} {gbs / BANDWIDTH_GB_S:6.0%} {ratio('decode_tok_s', base_lc):>9s} "
+              f"{r['peak_rss_mb']:8.0f} {gbs:5.1f} {gbs / BANDWIDTH_GB_S.get(args.threads, 22.0):6.0%} "
+              f"{ratio('decode_tok_s', base_lc):>9s} "
               f"{ratio('decode_tok_s', base_hf):>8s} {ratio('prefill_tok_s', base_lc):>9s}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

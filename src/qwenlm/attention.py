@@ -1,4 +1,10 @@
-"""Multi-head (and grouped-query) self-attention with a fused QKV projection."""
+"""Multi-head (and grouped-query) self-attention with a fused QKV projection, full or windowed.
+
+Full attention hands SDPA either nothing (one new token), its causal flag (a prompt without padding or
+cache: no T x T mask exists) or the additive mask of ``AttentionMask.full``. Window attention
+(experimental, see ``longctx.WindowSchedule``) runs the queries in blocks, each against only the keys its
+window can reach, so its memory grows with block x (block + window), never with T x T.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,52 @@ from torch import nn
 from .cache import KVCache
 from .config import QwenConfig
 from .rope import apply_rotary
+
+WINDOW_QUERY_BLOCK = 512  # queries per SDPA call in window attention
+
+
+class AttentionMask:
+    """Which keys each of ``new`` queries may see among ``kv_len`` keys (the last ``new`` are the queries'
+    own): causal order, the 1/0 padding mask over all ``kv_len`` positions, and per layer a window.
+
+    Built once per forward; the full additive mask is made only if a full-attention layer asks for it.
+    """
+
+    def __init__(
+        self, attention_mask: torch.Tensor | None, new: int, kv_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        if attention_mask is not None and attention_mask.shape[-1] != kv_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
+                f"{kv_len}; pass a mask for the whole sequence so far"
+            )
+        self.attention_mask = attention_mask
+        self.new = new
+        self.kv_len = kv_len
+        self.past = kv_len - new
+        self.dtype = dtype
+        self.device = device
+        self._full: tuple[torch.Tensor | None, bool] | None = None
+
+    def full(self) -> tuple[torch.Tensor | None, bool]:
+        """The additive mask for full causal attention, or (None, True) when SDPA's causal flag is enough."""
+        if self._full is None:
+            self._full = attention_bias(self.attention_mask, self.new, self.kv_len, self.dtype, self.device)
+        return self._full
+
+    def window_bias(self, q_start: int, q_end: int, k_start: int, window: int) -> torch.Tensor | None:
+        """Additive mask for the queries at absolute positions ``q_start..q_end-1`` over the keys
+        ``k_start..q_end-1``: key j is visible to query p when p - window < j <= p and j is not padding.
+        None when every key is visible."""
+        q_pos = torch.arange(q_start, q_end, device=self.device)[:, None]
+        k_pos = torch.arange(k_start, q_end, device=self.device)[None, :]
+        allowed = ((k_pos <= q_pos) & (k_pos > q_pos - window))[None, None]  # (1, 1, q, k)
+        if self.attention_mask is not None:
+            allowed = allowed & self.attention_mask[:, None, None, k_start:q_end].bool().to(self.device)
+        if bool(allowed.all()):
+            return None
+        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        return bias.masked_fill(~allowed, torch.finfo(self.dtype).min)
 
 
 class Attention(nn.Module):
@@ -32,9 +84,9 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # (1 or B, 1, T, rotary_dim), fp32
         sin: torch.Tensor,
         logn: torch.Tensor | None,  # (T,) query scale factors, or None
-        bias: torch.Tensor | None,  # (B, 1, T, kv_len) additive mask, or None
-        is_causal: bool,
+        mask: AttentionMask,
         cache: KVCache | None,
+        window: int | None = None,  # this layer's window (experimental), None = full attention
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=-1)
@@ -47,17 +99,49 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         if logn is not None:
             q = q * logn.view(1, 1, t, 1).to(q.dtype)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=bias,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        gqa = self.n_kv_heads != self.n_heads
+        if window is None or window >= mask.kv_len:  # a window longer than the sequence changes nothing
+            bias, is_causal = mask.full()
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, is_causal=is_causal, dropout_p=dropout, enable_gqa=gqa
+            )
+        else:
+            y = windowed_attention(q, k, v, mask, window, dropout, gqa)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.c_proj(y)
+
+
+def windowed_attention(
+    q: torch.Tensor,  # (B, H, T, D), the queries at positions kv_len - T .. kv_len - 1
+    k: torch.Tensor,  # (B, KVH, kv_len, D), every key so far
+    v: torch.Tensor,
+    mask: AttentionMask,
+    window: int,
+    dropout: float = 0.0,
+    gqa: bool = False,
+    block: int = WINDOW_QUERY_BLOCK,
+) -> torch.Tensor:
+    """Causal sliding-window attention: query p sees keys p - window < j <= p. Queries go in blocks of
+    ``block``, each over the keys its window reaches, so no T x kv_len mask or score matrix exists."""
+    t = q.shape[2]
+    out = []
+    for s in range(0, t, block):
+        e = min(t, s + block)
+        q_start, q_end = mask.past + s, mask.past + e
+        k_start = max(0, q_start - window + 1)
+        bias = mask.window_bias(q_start, q_end, k_start, window)
+        out.append(
+            F.scaled_dot_product_attention(
+                q[:, :, s:e],
+                k[:, :, k_start:q_end],
+                v[:, :, k_start:q_end],
+                attn_mask=bias,
+                dropout_p=dropout,
+                enable_gqa=gqa,
+            )
+        )
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 def attention_bias(
@@ -67,7 +151,9 @@ def attention_bias(
 
     Like the reference, masked keys get the most negative finite value (not -inf), so a padding query
     that sees no real key gets a uniform distribution instead of NaN. Queries attend causally; with a
-    cache they see every cached key and the new keys up to their own position.
+    cache they see every cached key and the new keys up to their own position. (The reference lets
+    several new tokens fed together with a cache see each other; we keep them causal, so that chunked
+    prefill equals one-shot prefill.)
     """
     past = kv_len - new
     if attention_mask is None:

@@ -60,3 +60,82 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._k + self._v)
+
+    # -- batch surgery for continuous batching (see ``qwenlm.serve.batch``) ---------------------------
+    @property
+    def batch_size(self) -> int:
+        return self._k[0].shape[0] if self._k else 0
+
+    def start_at(self, n: int) -> None:
+        """Make an empty cache begin at column ``n``: the first write lands there, the columns before it
+        are zeros that the attention mask must hide (a left-padded row)."""
+        if self._k or self.seq_len:
+            raise ValueError("start_at needs an empty cache")
+        self.seq_len = n
+
+    def append_rows(self, other: KVCache) -> None:
+        """Add the rows of ``other`` (same length) below this cache's rows."""
+        if not other._k:
+            return
+        if not self._k:
+            self._k, self._v, self.capacity = other._k, other._v, other.capacity
+            self.seq_len, self.ntk_alphas = other.seq_len, other.ntk_alphas
+            return
+        if other.seq_len != self.seq_len:
+            raise ValueError(f"cannot join caches of lengths {self.seq_len} and {other.seq_len}; align them first")
+        n = self.seq_len
+        capacity = max(self._k[0].shape[2], other._k[0].shape[2])
+        self._k = [_stack_rows(a, b, n, capacity) for a, b in zip(self._k, other._k)]
+        self._v = [_stack_rows(a, b, n, capacity) for a, b in zip(self._v, other._v)]
+        self.capacity = capacity
+        if self.ntk_alphas is not None or other.ntk_alphas is not None:
+            rows = self._k[0].shape[0]
+            mine = _per_row(self.ntk_alphas, rows - other.batch_size)
+            theirs = _per_row(other.ntk_alphas, other.batch_size)
+            alphas = mine + theirs
+            self.ntk_alphas = alphas[:1] if len(set(alphas)) == 1 else alphas  # one shared alpha: one table
+
+    def pad_front(self, n: int) -> None:
+        """Insert ``n`` zero columns before every row (positions of the cached keys are unchanged)."""
+        if n <= 0 or not self._k:
+            self.seq_len += max(n, 0)
+            return
+        end = self.seq_len + n
+        capacity = max(self._k[0].shape[2], end)
+        for buffers in (self._k, self._v):
+            for i, old in enumerate(buffers):
+                b, h, _, d = old.shape
+                new = old.new_zeros(b, h, capacity, d)
+                new[:, :, n:end] = old[:, :, : self.seq_len]
+                buffers[i] = new
+        self.capacity, self.seq_len = capacity, end
+
+    def drop_front(self, n: int) -> None:
+        """Remove the first ``n`` columns of every row."""
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"cannot drop {n} of {self.seq_len} cached columns")
+        if n == 0:
+            return
+        rest = self.seq_len - n
+        for t in self._k + self._v:
+            t[:, :, :rest] = t[:, :, n : self.seq_len].clone()  # overlapping ranges: copy through a clone
+            t[:, :, rest : self.seq_len] = 0
+        self.seq_len = rest
+
+    def map_keys(self, fn) -> None:
+        """Replace every layer's cached keys ``k`` (B, kv_heads, seq_len, D) by ``fn(k)`` (e.g. a re-rotation)."""
+        for k in self._k:
+            k[:, :, : self.seq_len] = fn(k[:, :, : self.seq_len])
+
+
+def _stack_rows(a: torch.Tensor, b: torch.Tensor, n: int, capacity: int) -> torch.Tensor:
+    out = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], capacity, a.shape[3])
+    out[: a.shape[0], :, :n] = a[:, :, :n]
+    out[a.shape[0] :, :, :n] = b[:, :, :n]
+    return out
+
+
+def _per_row(alphas: list[float] | None, rows: int) -> list[float]:
+    if alphas is None:
+        return [1.0] * rows
+    return list(alphas) if len(alphas) == rows else [alphas[0]] * rows

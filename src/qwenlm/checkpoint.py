@@ -149,6 +149,8 @@ class _NameMapper:
 def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], source: str,
             dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
     expected = dict(model.state_dict(keep_vars=True))
+    # Buffers (quantised weights and their scales) keep their stored dtype; parameters take ``dtype``.
+    keep_dtype = {name for name, _ in model.named_buffers()}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     loaded: set[str] = set()
@@ -162,7 +164,10 @@ def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]],
         if tuple(tensor.shape) != want:
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)}, config expects {want}")
             continue
-        value = tensor.to(device=device, dtype=dtype)
+        if name in keep_dtype:  # packed-weight kernels need aligned memory, which a mapped file does not promise
+            value = tensor.to(device=device, copy=True)
+        else:
+            value = tensor.to(device=device, dtype=dtype)
         model.load_state_dict({name: value}, strict=False, assign=True)
         loaded.add(name)
     problems = []
@@ -186,6 +191,13 @@ def _build(config: QwenConfig, tensors: Iterator[tuple[str, torch.Tensor]], sour
            dtype: torch.dtype, device: torch.device) -> QwenForCausalLM:  # fmt: skip
     with torch.device("meta"):
         model = QwenForCausalLM(config)
+    from .quant.saving import quantization_of
+
+    quant = quantization_of(config.extra)
+    if quant is not None:
+        from .quant import quantized_structure
+
+        quantized_structure(model, *quant)
     mapper = _NameMapper(config)
     _assign(model, (m for name, t in tensors for m in mapper(name, t)), source, dtype, device)
     if mapper.incomplete():
@@ -200,11 +212,13 @@ def load_model(
     *,
     ntk: bool | None = None,
     logn: bool | None = None,
+    window: Any = None,
 ) -> QwenForCausalLM:
     """Load a model from a checkpoint folder (official Qwen v1 or HF Qwen2 layout, safetensors or
     ``pytorch_model*.bin``, single or sharded) or a ``.gguf`` file.
 
-    ``ntk`` / ``logn`` override the config's ``use_dynamic_ntk`` / ``use_logn_attn``.
+    ``ntk`` / ``logn`` override the config's ``use_dynamic_ntk`` / ``use_logn_attn``; ``window`` sets a
+    window-attention schedule (experimental; a ``longctx.WindowSchedule`` or its spec, e.g. ``"default"``).
     """
     path = Path(path)
     device = resolve_device(device)
@@ -218,6 +232,8 @@ def load_model(
         config = _with_overrides(QwenConfig.from_dict(ckpt.config, source=str(path)), ntk, logn)
         model = _build(config, iter(ckpt.tensors.items()), str(path), dtype, device)
         model.generation_config = GenerationConfig(eos_token_id=ckpt.eos_token_id, pad_token_id=ckpt.eos_token_id)
+        if window is not None:
+            model.transformer.set_long_context(window=window)
         return model
     if not path.is_dir():
         raise ValueError(f"{path} is neither a checkpoint folder nor a .gguf file")
@@ -226,6 +242,8 @@ def load_model(
     tensors = ((name, t) for f in files for name, t in _read_shard(f))
     model = _build(config, tensors, f"checkpoint {path}", dtype, device)
     model.generation_config = GenerationConfig.from_folder(path)
+    if window is not None:
+        model.transformer.set_long_context(window=window)
     return model
 
 
@@ -239,7 +257,7 @@ def _with_overrides(config: QwenConfig, ntk: bool | None, logn: bool | None) -> 
 
 def load_tokenizer(path: str | Path) -> QwenTokenizer:
     """The tokenizer of a checkpoint: ``qwen.tiktoken`` (Qwen v1), HF tokenizer files (Qwen2) or a GGUF's
-    own vocabulary."""
+    own vocabulary; its ``chat_template`` is the checkpoint's own, if it has one."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -248,15 +266,20 @@ def load_tokenizer(path: str | Path) -> QwenTokenizer:
 
         return read_gguf_tokenizer(path)
     if path.is_file() or (path / VOCAB_FILE).is_file():
-        return QwenTokenizer.from_pretrained(path)
-    if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
+        tokenizer = QwenTokenizer.from_pretrained(path)
+    elif (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
         from .hf_tokenizer import load_hf_tokenizer
 
-        return load_hf_tokenizer(path)
-    raise FileNotFoundError(
-        f"no tokenizer in folder {path}: expected {VOCAB_FILE} (Qwen v1) or tokenizer.json / vocab.json + "
-        f"merges.txt (Qwen2 family)"
-    )
+        tokenizer = load_hf_tokenizer(path)
+    else:
+        raise FileNotFoundError(
+            f"no tokenizer in folder {path}: expected {VOCAB_FILE} (Qwen v1) or tokenizer.json / vocab.json + "
+            f"merges.txt (Qwen2 family)"
+        )
+    from .chat.session import find_chat_template
+
+    tokenizer.chat_template = find_chat_template(path)  # None for Qwen v1 folders: they chat in ChatML
+    return tokenizer
 
 
 def describe(model: QwenForCausalLM) -> dict[str, Any]:

@@ -27,6 +27,21 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="checkpoint folder or .gguf file (default: the demo model, see README)")  # fmt: skip
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument(
+        "--ntk",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="dynamic NTK rotary scaling beyond the training length (default: the checkpoint's config)",
+    )
+    p.add_argument(
+        "--logn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LogN query scaling beyond the training length (default: the checkpoint's config)",
+    )
+    p.add_argument("--window", metavar="SCHEDULE",
+                   help="window attention, EXPERIMENTAL: 'default' or per-layer windows like 2kx4,4kx4,8k "
+                        "(see README, Long context)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +66,8 @@ def _load(args: argparse.Namespace):
     path = _resolve_model_path(args.model)
     start = time.perf_counter()
     tokenizer = load_tokenizer(path)
-    model = load_model(path, dtype=args.dtype, device=args.device)
+    model = load_model(path, dtype=args.dtype, device=args.device, ntk=getattr(args, "ntk", None),
+                       logn=getattr(args, "logn", None), window=getattr(args, "window", None))  # fmt: skip
     print(f"qwenlm: loaded {path.name} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)  # fmt: skip
     return model, tokenizer
@@ -83,7 +99,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args)
     info = {"config": model.config.to_dict(), **describe(model), "tokenizer_size": len(tokenizer),
-            "position_policies": [repr(model.transformer.ntk), repr(model.transformer.logn)],
+            "position_policies": [repr(model.transformer.ntk), repr(model.transformer.logn),
+                                  repr(model.transformer.windows)],
             "generation_config": {k: v for k, v in vars(model.generation_config).items() if k != "extra"}}  # fmt: skip
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -97,6 +114,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"context          trained {c.seq_length}, max positions {c.max_position_embeddings}")
     print(f"rotary           base {c.rotary_emb_base}, dims {c.rotary_dim}; {info['position_policies'][0]}, "
           f"{info['position_policies'][1]}")  # fmt: skip
+    print(f"window attention {info['position_policies'][2] if model.transformer.windows else 'off'}")
     print(f"dtype / device   {info['dtype']} / {info['device']}")
     print(f"weight memory    {info['weight_bytes'] / 2**20:,.1f} MiB")
     return 0
@@ -107,6 +125,80 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     convert(args.src, args.dst, layout=args.layout)
     print(f"qwenlm: wrote {args.layout} checkpoint to {args.dst}", file=sys.stderr)
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from .eval.perplexity import Setting, evaluate, parse_lengths, parse_settings, read_documents
+
+    lengths = parse_lengths(args.lengths)
+    docs = read_documents(args.data)  # bad files fail before the model loads
+    model, tokenizer = _load(args)
+    if args.settings:
+        settings = parse_settings(args.settings, args.window)
+    else:
+        c = model.config
+        settings = [Setting(c.use_dynamic_ntk, c.use_logn_attn, args.window)]
+    if args.model:
+        name = Path(args.model).name.removesuffix(".gguf")
+    else:
+        from .demo import DEMO_NAME as name
+    report = evaluate(model, tokenizer, docs, lengths, settings, samples=args.samples, sampling=args.sampling,
+                      chunk_size=args.chunk_size, model_name=name,
+                      data_names=[Path(d).name for d in args.data])  # fmt: skip
+    print(report.markdown())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"qwenlm: wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        report.plot(args.plot)
+        print(f"qwenlm: wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat.session import DEFAULT_SYSTEM
+    from .chat.terminal import run_chat
+
+    model, tokenizer = _load(args)
+    generation = _sampling_overrides(args)
+    model.generation_config.updated(**generation).validate()  # bad values fail before the first message
+    return run_chat(model, tokenizer, args.system or DEFAULT_SYSTEM, generation)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import run_server
+
+    model, tokenizer = _load(args)
+    if args.model_name or args.model:
+        name = args.model_name or Path(args.model).name.removesuffix(".gguf")
+    else:
+        from .demo import DEMO_NAME as name
+    run_server(model, tokenizer, name, host=args.host, port=args.port, api_key=args.api_key,
+               max_batch=args.max_batch, max_queue=args.max_queue)  # fmt: skip
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quant.saving import quantize_checkpoint
+
+    quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size)
+    print(f"qwenlm: wrote int{args.bits} checkpoint to {args.dst}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_checkpoint
+
+    path = _resolve_model_path(args.model)
+    device = "cpu" if args.device == "auto" else args.device
+    result = bench_checkpoint(path, args.precision, device=device, prompt_tokens=args.prompt_tokens,
+                              new_tokens=args.new_tokens, batch=args.batch, runs=args.runs)  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:14s} {value:.2f}" if isinstance(value, float) else f"{key:14s} {value}")
     return 0
 
 
@@ -125,11 +217,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("ppl", help="perplexity by context length (the model card's long-context table)")
+    _add_model_args(p)
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help=".jsonl / .jsonl.gz files (one document per record, field 'text') or plain text files",
+    )
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", help="comma-separated sample lengths")
+    p.add_argument(
+        "--settings",
+        help="rows to compare, e.g. plain,ntk,ntk+logn,ntk+logn+window "
+        "(default: one row from --ntk/--logn/--window and the config)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="samples at the longest length; every length gets the same token budget (default 1)",
+    )
+    p.add_argument(
+        "--sampling",
+        choices=["concat", "document"],
+        default="concat",
+        help="concat: documents joined and cut (default); document: first L tokens of each long one",
+    )
+    p.add_argument("--chunk-size", type=int, default=1024, help="prefill chunk, in tokens (memory vs speed)")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="plot perplexity against length (needs matplotlib)")
+    p.set_defaults(func=cmd_ppl)
+
     p = sub.add_parser("convert", help="write an HF-format safetensors folder from a GGUF file or another layout")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--layout", choices=["qwen2", "qwen"], default="qwen2")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("chat", help="chat in the terminal, streaming the replies (/help inside)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", help='the system prompt (default: "You are a helpful assistant.")')
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--max-batch", type=int, default=16, help="requests generated together (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default: 64)")
+    p.add_argument("--model-name", help="the model id clients see (default: the checkpoint's name)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    p.add_argument("--group-size", type=int, default=32, help="input features per 4-bit group (default 32)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench", help="prefill and decode speed at one precision (medians after a warm-up)")
+    p.add_argument("--model", "-m", help="checkpoint folder or .gguf file (default: the demo model)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8", "int4", "auto"], default="auto")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -152,7 +152,16 @@ def read_gguf_tokenizer(path: str | Path) -> QwenTokenizer:
     """Only the tokenizer of a GGUF file (no tensor is read)."""
     path = Path(path)
     reader = open_gguf(path)
-    return tokenizer_from_metadata({name: field.contents() for name, field in reader.fields.items()}, str(path))
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    tokenizer = tokenizer_from_metadata(meta, str(path))
+    tokenizer.chat_template = meta.get("tokenizer.chat_template") or None
+    return tokenizer
+
+
+def read_gguf_field(path: str | Path, key: str) -> Any:
+    """One metadata value of a GGUF file (e.g. ``tokenizer.chat_template``), or None; no tensor is read."""
+    field = open_gguf(Path(path)).fields.get(key)
+    return None if field is None else field.contents()
 
 
 def open_gguf(path: Path) -> Any:

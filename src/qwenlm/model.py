@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, attention_bias
+from .attention import Attention, AttentionMask
 from .cache import KVCache
 from .config import QwenConfig
-from .longctx import position_policies
+from .longctx import DynamicNTK, LogNScaling, NoLogN, PlainRoPE, WindowSchedule, position_policies, window_schedule
 from .rope import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -64,7 +64,12 @@ class Block(nn.Module):
 
 
 class QwenModel(nn.Module):
-    """Embedding, decoder blocks and final norm (``transformer.*`` in the official checkpoint)."""
+    """Embedding, decoder blocks and final norm (``transformer.*`` in the official checkpoint).
+
+    Long-context behaviour is three policy objects chosen from the config (``longctx``): ``ntk``
+    (plain RoPE or dynamic NTK), ``logn`` (LogN query scaling or none) and ``windows`` (a per-layer
+    window schedule, experimental; None = full attention). ``set_long_context`` swaps them.
+    """
 
     def __init__(self, config: QwenConfig) -> None:
         super().__init__()
@@ -75,6 +80,23 @@ class QwenModel(nn.Module):
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_emb_base)
         self.ntk, self.logn = position_policies(config.seq_length, config.use_dynamic_ntk, config.use_logn_attn)
+        self.windows: WindowSchedule | None = None
+
+    def set_long_context(
+        self, ntk: bool | None = None, logn: bool | None = None, window: str | WindowSchedule | None = None
+    ) -> None:
+        """Turn dynamic NTK / LogN on or off (None = leave as is) and set the window schedule (a
+        ``WindowSchedule`` or its spec, e.g. ``"default"`` or ``"2kx4,4kx4,8k"``; ``"none"`` = full attention,
+        None = leave as is). The config's ``use_dynamic_ntk`` / ``use_logn_attn`` follow."""
+        c = self.config
+        if ntk is not None:
+            c.use_dynamic_ntk = ntk
+            self.ntk = DynamicNTK(c.seq_length) if ntk else PlainRoPE()
+        if logn is not None:
+            c.use_logn_attn = logn
+            self.logn = LogNScaling(c.seq_length) if logn else NoLogN()
+        if window is not None:
+            self.windows = window_schedule(window, c.num_hidden_layers, c.seq_length)
 
     def forward(
         self,
@@ -85,20 +107,28 @@ class QwenModel(nn.Module):
         t = input_ids.shape[1]
         past = cache.seq_len if cache is not None else 0
         kv_len = past + t
-        if past and cache.ntk_alphas is not None:
-            alphas = cache.ntk_alphas  # decoding keeps the prefill's alphas, as the reference does
+        if cache is not None and cache.ntk_alphas is not None:
+            # decoding keeps the prefill's alphas, as the reference does; chunked prefill sets them up
+            # front from the whole prompt (``generation.prefill``)
+            alphas = cache.ntk_alphas
         else:
             alphas = self.ntk.alphas(t, attention_mask, self.training)
             if cache is not None:
                 cache.ntk_alphas = alphas
         h = self.drop(self.wte(input_ids))
-        cos, sin = self.rotary.cos_sin(past, kv_len, alphas, h.device)
         logn = self.logn.factors(past, kv_len, self.training)
         if logn is not None:
             logn = logn.to(h.device)
-        bias, is_causal = attention_bias(attention_mask, t, kv_len, h.dtype, h.device)
-        for block in self.h:
-            h = block(h, cos, sin, logn, bias, is_causal, cache)
+        mask = AttentionMask(attention_mask, t, kv_len, h.dtype, h.device)
+        tables: dict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, block in enumerate(self.h):
+            window = self.windows.window(i) if self.windows is not None else None
+            # a windowed layer sees at most `window` keys: its NTK alpha is that of its span
+            layer_alphas = alphas if window is None else self.ntk.within(alphas, window)
+            key = tuple(layer_alphas)
+            if key not in tables:
+                tables[key] = self.rotary.cos_sin(past, kv_len, layer_alphas, h.device)
+            h = block(h, *tables[key], logn, mask, cache, window)
         if cache is not None:
             cache.advance(t)
         return self.ln_f(h)
@@ -131,11 +161,12 @@ class QwenForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.transformer.wte.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activation dtype (quantised layers keep their own weight formats)."""
+        return self.transformer.wte.weight.dtype
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         return KVCache(self.config.num_hidden_layers, capacity)
@@ -183,3 +214,17 @@ class QwenForCausalLM(nn.Module):
         from .generation import stream_generate
 
         return stream_generate(self, input_ids, attention_mask, **kwargs)
+
+    def chat(self, tokenizer: Any, query: str, history: Any = None, system: str = "You are a helpful assistant.",
+             **kwargs: Any) -> tuple[str, list[tuple[str, str]]]:  # fmt: skip
+        """``(response, history)`` for ``query``; see ``qwenlm.chat.session.chat``."""
+        from .chat.session import chat
+
+        return chat(self, tokenizer, query, history, system, **kwargs)
+
+    def chat_stream(self, tokenizer: Any, query: str, history: Any = None,
+                    system: str = "You are a helpful assistant.", **kwargs: Any):  # fmt: skip
+        """Yield the reply to ``query`` as text deltas; see ``qwenlm.chat.session.chat_stream``."""
+        from .chat.session import chat_stream
+
+        return chat_stream(self, tokenizer, query, history, system, **kwargs)

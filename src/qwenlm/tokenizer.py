@@ -62,6 +62,8 @@ class QwenTokenizer:
     maps surface strings to ids.
     """
 
+    chat_template: str | None = None  # the checkpoint's Jinja chat template, set by ``load_tokenizer``
+
     def __init__(
         self,
         mergeable_ranks: dict[bytes, int],

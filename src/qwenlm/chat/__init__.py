@@ -1,4 +1,5 @@
-"""Chat: prompt formats (ChatML, raw), reply decoding, streaming text and Jinja chat templates."""
+"""Chat: prompt formats (ChatML, raw), reply decoding, streaming text, Jinja chat templates, and
+``chat`` / ``chat_stream`` (what ``model.chat`` runs)."""
 
 from qwenlm.chat.format import (
     CHAT_FORMATS,
@@ -14,6 +15,7 @@ from qwenlm.chat.format import (
     get_stop_words_ids,
     make_context,
 )
+from qwenlm.chat.session import chat, chat_stream
 from qwenlm.chat.stream import StreamDecoder, find_stop, truncate_at_stop
 from qwenlm.chat.template import render_chat_template
 
@@ -27,6 +29,8 @@ __all__ = [
     "Raw",
     "Reply",
     "StreamDecoder",
+    "chat",
+    "chat_stream",
     "decode_tokens",
     "find_stop",
     "get_chat_format",

@@ -1,0 +1,1 @@
+"""Evaluations run on a loaded model; each module is one benchmark."""

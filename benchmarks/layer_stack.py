@@ -34,13 +34,13 @@ def to_hf(model: QwenForCausalLM, dtype: torch.dtype):
         "model.norm.weight": sd["transformer.ln_f.weight"],
         "lm_head.weight": sd["lm_head.weight"],
     }
-    h = c.hidden_size
+    q_size, kv_size = c.num_attention_heads * c.head_dim, c.n_kv_heads * c.head_dim
     for i in range(c.num_hidden_layers):
         p, q = f"transformer.h.{i}.", f"model.layers.{i}."
         for kind in ("weight", "bias"):
-            qkv = sd[p + f"attn.c_attn.{kind}"]
-            for j, name in enumerate("qkv"):
-                new[q + f"self_attn.{name}_proj.{kind}"] = qkv[j * h : (j + 1) * h]
+            parts = sd[p + f"attn.c_attn.{kind}"].split([q_size, kv_size, kv_size])
+            for name, part in zip("qkv", parts):
+                new[q + f"self_attn.{name}_proj.{kind}"] = part
         new[q + "self_attn.o_proj.weight"] = sd[p + "attn.c_proj.weight"]
         new[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
         new[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]

@@ -190,3 +190,19 @@ def test_real_model_converts_and_matches_reference_logits(tmp_path):
     got = logits.gather(1, expected_ids)
     assert (got - expected).abs().max() < 1e-2
     assert torch.equal(logits.argmax(-1), expected_ids[:, 0])
+
+
+def test_folder_converts_between_layouts(tmp_path):
+    from qwenlm import QwenForCausalLM
+    from qwenlm.checkpoint import load_tokenizer
+    from tests.builders import tiny_checkpoint
+
+    v1 = tiny_checkpoint(tmp_path / "v1")
+    qwen2 = convert(v1, tmp_path / "qwen2", layout="qwen2", progress_bar=False)
+    back = convert(qwen2, tmp_path / "back", layout="qwen", progress_bar=False)
+    ids = torch.tensor([[9707, 11, 1879, 0, 151643, 5]])  # shorter than seq_length: NTK/LogN play no part
+    with torch.no_grad():
+        logits = [QwenForCausalLM.from_pretrained(f, device="cpu")(ids).logits for f in (v1, qwen2, back)]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[2], logits[0], atol=1e-5, rtol=1e-5)
+    assert load_tokenizer(qwen2).encode("Hello, world") == load_tokenizer(v1).encode("Hello, world")

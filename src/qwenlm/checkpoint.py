@@ -114,6 +114,12 @@ def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from state.items()
 
 
+def read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint folder under its stored name, shard by shard."""
+    for f in _weight_files(Path(folder)):
+        yield from _read_shard(f)
+
+
 class _NameMapper:
     """Maps checkpoint tensor names (official Qwen v1, HF Qwen2) onto the model's and stacks q/k/v."""
 
@@ -164,10 +170,9 @@ def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]],
         if tuple(tensor.shape) != want:
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)}, config expects {want}")
             continue
-        if name in keep_dtype:  # packed-weight kernels need aligned memory, which a mapped file does not promise
-            value = tensor.to(device=device, copy=True)
-        else:
-            value = tensor.to(device=device, dtype=dtype)
+        # Packed-weight kernels need aligned memory, which a mapped file does not promise: copy those.
+        keep = name in keep_dtype
+        value = tensor.to(device=device, copy=True) if keep else tensor.to(device=device, dtype=dtype)
         model.load_state_dict({name: value}, strict=False, assign=True)
         loaded.add(name)
     problems = []
@@ -238,9 +243,7 @@ def load_model(
     if not path.is_dir():
         raise ValueError(f"{path} is neither a checkpoint folder nor a .gguf file")
     config = _with_overrides(QwenConfig.from_json(path), ntk, logn)
-    files = _weight_files(path)
-    tensors = ((name, t) for f in files for name, t in _read_shard(f))
-    model = _build(config, tensors, f"checkpoint {path}", dtype, device)
+    model = _build(config, read_tensors(path), f"checkpoint {path}", dtype, device)
     model.generation_config = GenerationConfig.from_folder(path)
     if window is not None:
         model.transformer.set_long_context(window=window)

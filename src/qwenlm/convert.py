@@ -51,7 +51,8 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress_bar: bool = True,
 ) -> Path:
-    """Write GGUF file ``src`` as an HF checkpoint folder ``dst`` (created; must be empty if it exists).
+    """Write GGUF file (or checkpoint folder) ``src`` as an HF checkpoint folder ``dst`` (created; must be
+    empty if it exists).
 
     ``layout`` is ``"qwen2"`` or ``"qwen"`` (Qwen v1), ``dtype`` the stored weight type (float32 keeps the
     dequantised values exactly). Weights over ``max_shard_bytes`` are split into numbered shards with a
@@ -62,7 +63,9 @@ def convert(
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new folder or remove it")
-    ckpt = read_gguf(src, dtype, progress_bar=progress_bar)
+    src = Path(src)
+    read = read_folder if src.is_dir() else lambda p, d: read_gguf(p, d, progress_bar=progress_bar)
+    ckpt = read(src, dtype)
     if layout == "qwen2":
         tensors, config = to_qwen2(ckpt)
     else:
@@ -91,6 +94,22 @@ def convert(
                       "stop_words_ids": sorted({(tokenizer.eod_id,), (tokenizer.eos_token_id,)})}  # fmt: skip
     _write_json(dst / "generation_config.json", generation)
     return dst
+
+
+def read_folder(folder: Path, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
+    """A checkpoint folder (official Qwen v1 or HF Qwen2 layout) in the form ``convert`` takes, so a folder
+    converts between layouts the same way a GGUF file does."""
+    from qwenlm.checkpoint import load_tokenizer, read_tensors
+
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
+    if config is None:
+        raise FileNotFoundError(f"no config.json in folder {folder}: it is not a checkpoint folder")
+    arch = config.get("model_type", "qwen")
+    tokenizer = load_tokenizer(folder)
+    tensors = {name: t.to(dtype) for name, t in read_tensors(folder)}
+    return GGUFCheckpoint(path=folder, architecture=arch, general_name=None, config=config, tensors=tensors,
+                          tokenizer=tokenizer, chat_template=getattr(tokenizer, "chat_template", None),
+                          eos_token_id=tokenizer.eos_token_id)  # fmt: skip
 
 
 # -- layouts ------------------------------------------------------------------------------------------

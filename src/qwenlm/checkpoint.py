@@ -123,8 +123,8 @@ def read_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 class _NameMapper:
     """Maps checkpoint tensor names (official Qwen v1, HF Qwen2) onto the model's and stacks q/k/v."""
 
-    def __init__(self, config: QwenConfig) -> None:
-        self.qwen2 = config.is_qwen2
+    def __init__(self, qwen2: bool) -> None:
+        self.qwen2 = qwen2
         self._pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     def __call__(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -150,6 +150,16 @@ class _NameMapper:
 
     def incomplete(self) -> list[str]:
         return [f"model.layers.{layer}.self_attn.{{q,k,v}}_proj.{kind}" for layer, kind in self._pending]
+
+
+def qwen2_to_v1_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF Qwen2 tensors under the official Qwen v1 names (q/k/v stacked into ``c_attn``), the mapping the
+    loader uses; names it does not know pass through unchanged."""
+    mapper = _NameMapper(qwen2=True)
+    out = {n: t for name, tensor in tensors.items() for n, t in mapper(name, tensor)}
+    if mapper.incomplete():
+        raise CheckpointError(f"incomplete q/k/v projections: {', '.join(mapper.incomplete())}")
+    return out
 
 
 def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], source: str,
@@ -203,7 +213,7 @@ def _build(config: QwenConfig, tensors: Iterator[tuple[str, torch.Tensor]], sour
         from .quant import quantized_structure
 
         quantized_structure(model, *quant)
-    mapper = _NameMapper(config)
+    mapper = _NameMapper(config.is_qwen2)
     _assign(model, (m for name, t in tensors for m in mapper(name, t)), source, dtype, device)
     if mapper.incomplete():
         raise CheckpointError(f"{source}: incomplete q/k/v projections: {', '.join(mapper.incomplete())}")

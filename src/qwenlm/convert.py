@@ -170,25 +170,9 @@ def to_qwen(ckpt: GGUFCheckpoint) -> tuple[dict[str, torch.Tensor], dict[str, An
             raise ValueError(
                 f"{ckpt.path}: rope_scaling {c['rope_scaling']} has no Qwen v1 equivalent; use layout='qwen2'"
             )
-        tensors = {
-            "transformer.wte.weight": t["model.embed_tokens.weight"],
-            "transformer.ln_f.weight": t["model.norm.weight"],
-        }
-        if "lm_head.weight" in t:
-            tensors["lm_head.weight"] = t["lm_head.weight"]
-        for i in range(c["num_hidden_layers"]):
-            hf, v1 = f"model.layers.{i}.", f"transformer.h.{i}."
-            attn = [hf + f"self_attn.{p}_proj" for p in "qkv"]
-            tensors.update({
-                v1 + "ln_1.weight": t[hf + "input_layernorm.weight"],
-                v1 + "attn.c_attn.weight": torch.cat([t[a + ".weight"] for a in attn]),  # (3 * heads * hd, hidden)
-                v1 + "attn.c_attn.bias": torch.cat([t[a + ".bias"] for a in attn]),
-                v1 + "attn.c_proj.weight": t[hf + "self_attn.o_proj.weight"],
-                v1 + "ln_2.weight": t[hf + "post_attention_layernorm.weight"],
-                v1 + "mlp.w2.weight": t[hf + "mlp.gate_proj.weight"],  # SiLU branch
-                v1 + "mlp.w1.weight": t[hf + "mlp.up_proj.weight"],
-                v1 + "mlp.c_proj.weight": t[hf + "mlp.down_proj.weight"],
-            })  # fmt: skip
+        from qwenlm.checkpoint import qwen2_to_v1_names
+
+        tensors = qwen2_to_v1_names(t)  # the loader's own mapping: c_attn = cat(q, k, v), gate -> w2, up -> w1
         config = {
             "architectures": ["QWenLMHeadModel"], "auto_map": _V1_AUTO_MAP, "model_type": "qwen",
             "vocab_size": c["vocab_size"], "hidden_size": c["hidden_size"],

@@ -37,7 +37,10 @@ def main() -> None:
         model = with_precision(copy.deepcopy(base), precision)
         t = time.perf_counter()
         ppl[precision] = perplexity(model, samples)
-        rel = lambda ref: f"{(ppl[precision] / ppl[ref] - 1) * 100:+.2f}%" if ref in ppl else "-"
+
+        def rel(ref: str, precision: str = precision) -> str:
+            return f"{(ppl[precision] / ppl[ref] - 1) * 100:+.2f}%" if ref in ppl else "-"
+
         print(
             f"{precision:9s} {ppl[precision]:10.4f} {rel('fp32'):>8s} {rel('bf16'):>8s} {time.perf_counter() - t:8.1f}"
         )

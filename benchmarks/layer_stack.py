@@ -19,35 +19,15 @@ from qwenlm import QwenConfig, QwenForCausalLM
 
 
 def to_hf(model: QwenForCausalLM, dtype: torch.dtype):
+    """HF's own Qwen2ForCausalLM holding ``model``'s weights (through qwenlm's Qwen v1 -> Qwen2 mapping)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    c = model.config
-    hf_config = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.mlp_width,
-                            num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                            num_key_value_heads=c.n_kv_heads, rope_theta=c.rotary_emb_base,
-                            rms_norm_eps=c.layer_norm_epsilon, max_position_embeddings=c.seq_length,
-                            tie_word_embeddings=False, attn_implementation="sdpa")  # fmt: skip
-    hf = Qwen2ForCausalLM(hf_config).to(dtype).eval()
-    sd = model.state_dict()
-    new = {
-        "model.embed_tokens.weight": sd["transformer.wte.weight"],
-        "model.norm.weight": sd["transformer.ln_f.weight"],
-        "lm_head.weight": sd["lm_head.weight"],
-    }
-    q_size, kv_size = c.num_attention_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    for i in range(c.num_hidden_layers):
-        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            parts = sd[p + f"attn.c_attn.{kind}"].split([q_size, kv_size, kv_size])
-            for name, part in zip("qkv", parts):
-                new[q + f"self_attn.{name}_proj.{kind}"] = part
-        new[q + "self_attn.o_proj.weight"] = sd[p + "attn.c_proj.weight"]
-        new[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
-        new[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
-        new[q + "mlp.up_proj.weight"] = sd[p + "mlp.w1.weight"]
-        new[q + "mlp.gate_proj.weight"] = sd[p + "mlp.w2.weight"]
-        new[q + "mlp.down_proj.weight"] = sd[p + "mlp.c_proj.weight"]
-    hf.load_state_dict({k: v.to(dtype) for k, v in new.items()}, strict=True)
+    from qwenlm.convert import v1_to_qwen2
+
+    tensors, config = v1_to_qwen2(model.state_dict(), model.config.to_dict())
+    config.pop("architectures")
+    hf = Qwen2ForCausalLM(Qwen2Config(**config, attn_implementation="sdpa")).to(dtype).eval()
+    hf.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True)
     return hf
 
 

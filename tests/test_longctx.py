@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from qwenlm import QwenForCausalLM
 from qwenlm.attention import AttentionMask, windowed_attention
 from qwenlm.checkpoint import load_tokenizer
+from qwenlm.convert import v1_to_qwen2
 from qwenlm.eval.perplexity import read_documents
 from qwenlm.generation.prefill import prefill, prefill_chunks
 from qwenlm.longctx import DynamicNTK, PlainRoPE, WindowSchedule, ntk_alpha
@@ -125,26 +126,8 @@ def qwen2_folder(tmp_path, variant: str):
     """The fixture's weights in the HF Qwen2 layout (separate q/k/v, gate/up/down), no NTK/LogN keys."""
     v1 = json.loads(fixtures("model", variant, "config.json").read_text())
     w = load_file(str(fixtures("model", variant, "model.safetensors")))
-    h = v1["hidden_size"]
-    out = {"model.embed_tokens.weight": w["transformer.wte.weight"], "model.norm.weight": w["transformer.ln_f.weight"],
-           "lm_head.weight": w["lm_head.weight"]}  # fmt: skip
-    for i in range(v1["num_hidden_layers"]):
-        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            for j, name in enumerate("qkv"):
-                out[q + f"self_attn.{name}_proj.{kind}"] = w[p + f"attn.c_attn.{kind}"][j * h : (j + 1) * h]
-        out[q + "self_attn.o_proj.weight"] = w[p + "attn.c_proj.weight"]
-        out[q + "input_layernorm.weight"] = w[p + "ln_1.weight"]
-        out[q + "post_attention_layernorm.weight"] = w[p + "ln_2.weight"]
-        out[q + "mlp.up_proj.weight"] = w[p + "mlp.w1.weight"]
-        out[q + "mlp.gate_proj.weight"] = w[p + "mlp.w2.weight"]
-        out[q + "mlp.down_proj.weight"] = w[p + "mlp.c_proj.weight"]
-    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": v1["vocab_size"],
-              "hidden_size": h, "intermediate_size": v1["intermediate_size"] // 2,
-              "num_hidden_layers": v1["num_hidden_layers"], "num_attention_heads": v1["num_attention_heads"],
-              "num_key_value_heads": v1["num_attention_heads"], "rms_norm_eps": v1["layer_norm_epsilon"],
-              "rope_theta": v1["rotary_emb_base"], "max_position_embeddings": v1["seq_length"],
-              "tie_word_embeddings": False}  # fmt: skip
+    out, config = v1_to_qwen2(w, v1)  # the production mapping (Qwen v1 -> Qwen2), as `convert` uses it
+    config["max_position_embeddings"] = v1["seq_length"]  # Qwen2's training length is this key
     folder = tmp_path / f"{variant}-qwen2"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))

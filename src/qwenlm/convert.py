@@ -117,17 +117,27 @@ def to_qwen2(ckpt: GGUFCheckpoint) -> tuple[dict[str, torch.Tensor], dict[str, A
     """Tensors and config of ``ckpt`` in the ``Qwen2ForCausalLM`` layout."""
     if ckpt.architecture == "qwen2":
         return dict(ckpt.tensors), dict(ckpt.config)
-    c, t = ckpt.config, ckpt.tensors
+    return v1_to_qwen2(ckpt.tensors, ckpt.config)
+
+
+def v1_to_qwen2(t: dict[str, torch.Tensor], c: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors under Qwen v1 names (``transformer.h.N.attn.c_attn``…) and a config with Qwen v1 keys (an
+    official config.json, or ``QwenConfig.to_dict()`` of any loaded model, grouped-query ones included) in
+    the ``Qwen2ForCausalLM`` layout: c_attn split into q/k/v, w2 -> gate_proj, w1 -> up_proj."""
+    from qwenlm.config import QwenConfig
+
+    cfg = QwenConfig.from_dict(c)
+    q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     tensors = {
         "model.embed_tokens.weight": t["transformer.wte.weight"],
         "model.norm.weight": t["transformer.ln_f.weight"],
     }
     if "lm_head.weight" in t:
         tensors["lm_head.weight"] = t["lm_head.weight"]
-    for i in range(c["num_hidden_layers"]):
+    for i in range(cfg.num_hidden_layers):
         v1, hf = f"transformer.h.{i}.", f"model.layers.{i}."
-        q, k, v = t[v1 + "attn.c_attn.weight"].chunk(3, dim=0)  # (3 * heads * head_dim, hidden) -> 3 equal parts
-        qb, kb, vb = t[v1 + "attn.c_attn.bias"].chunk(3, dim=0)
+        q, k, v = t[v1 + "attn.c_attn.weight"].split([q_size, kv_size, kv_size])  # (q + 2 kv, hidden)
+        qb, kb, vb = t[v1 + "attn.c_attn.bias"].split([q_size, kv_size, kv_size])
         tensors.update({
             hf + "input_layernorm.weight": t[v1 + "ln_1.weight"],
             hf + "self_attn.q_proj.weight": q.contiguous(), hf + "self_attn.q_proj.bias": qb.contiguous(),
@@ -140,17 +150,17 @@ def to_qwen2(ckpt: GGUFCheckpoint) -> tuple[dict[str, torch.Tensor], dict[str, A
             hf + "mlp.down_proj.weight": t[v1 + "mlp.c_proj.weight"],
         })  # fmt: skip
     config = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": c["vocab_size"],
-        "hidden_size": c["hidden_size"], "intermediate_size": c["intermediate_size"] // 2,
-        "num_hidden_layers": c["num_hidden_layers"], "num_attention_heads": c["num_attention_heads"],
-        "num_key_value_heads": c["num_attention_heads"], "rope_theta": c["rotary_emb_base"],
-        "rms_norm_eps": c["layer_norm_epsilon"], "max_position_embeddings": c["max_position_embeddings"],
-        "tie_word_embeddings": c["tie_word_embeddings"], "hidden_act": "silu", "attention_dropout": 0.0,
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.mlp_width,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "rope_theta": cfg.rotary_emb_base,
+        "rms_norm_eps": cfg.layer_norm_epsilon, "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu", "attention_dropout": 0.0,
         "use_sliding_window": False,
         **{k: c[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in c},
     }  # fmt: skip
-    if c["kv_channels"] != c["hidden_size"] // c["num_attention_heads"]:
-        config["head_dim"] = c["kv_channels"]
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        config["head_dim"] = cfg.head_dim
     return tensors, config
 
 

@@ -61,6 +61,9 @@ class Scripted(torch.nn.Module):
         past_key_values.step += 1
         return SimpleNamespace(logits=logits)
 
+    def decode_step(self, input_ids, attention_mask, cache):
+        return self(input_ids, attention_mask, past_key_values=cache).logits[:, -1]
+
 
 def ids_of(tok, text: str) -> list[int]:
     return tok.encode(text, allowed_special=set())

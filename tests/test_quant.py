@@ -11,6 +11,7 @@ from torch import nn
 from qwenlm import QwenForCausalLM
 from qwenlm.checkpoint import load_tokenizer
 from qwenlm.quant import Int4Linear, Int8Linear, quantize
+from qwenlm.quant.linear import fit_int4_groups
 from qwenlm.quant.saving import quantize_checkpoint
 from tests.builders import tiny_checkpoint
 
@@ -33,6 +34,33 @@ def test_quantisation_error_is_small(cls, tol):
     q = cls.from_linear(linear)
     err = (q.dequantize().float() - linear.weight).abs().max() / linear.weight.abs().max()
     assert err < tol
+
+
+def test_int4_fit_recovers_weights_already_on_a_4bit_grid():
+    # e.g. a GGUF Q4_K/Q4_0 tensor: each group of 32 is (code - 8) * scale + zero with 4-bit codes
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (6, 64), generator=g)
+    codes[:, ::32], codes[:, 1::32] = 0, 15  # every group uses the whole range
+    scale = torch.tensor([0.5, 0.25, 0.125, 1.0, 0.0625, 2.0]).repeat_interleave(2).reshape(6, 2)
+    zero = torch.tensor([[-1.0, 0.5]]).expand(6, 2)
+    w = ((codes.reshape(6, 2, 32) - 8) * scale[..., None] + zero[..., None]).reshape(6, 64)
+    q, s, z = fit_int4_groups(w, 32)
+    torch.testing.assert_close(q.long(), codes, atol=0, rtol=0)
+    torch.testing.assert_close(s, scale, atol=1e-6, rtol=0)
+    torch.testing.assert_close(z, zero, atol=1e-5, rtol=0)
+
+
+def test_int4_fit_beats_min_max_rounding():
+    torch.manual_seed(3)
+    w = torch.randn(64, 256) * torch.rand(64, 1)
+    w[0, 5] = 8.0  # an outlier group
+    q, s, z = fit_int4_groups(w, 32)
+    fitted = ((q.float().reshape(64, 8, 32) - 8) * s[..., None] + z[..., None]).reshape(64, 256)
+    g = w.reshape(64, 8, 32)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    min_max = (torch.round((g - lo) / step) * step + lo).reshape(64, 256)
+    assert (fitted - w).square().sum() < 0.9 * (min_max - w).square().sum()
 
 
 def test_int4_group_size_must_divide():

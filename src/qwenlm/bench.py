@@ -53,7 +53,7 @@ def _one_run(model: QwenForCausalLM, ids: torch.Tensor, new_tokens: int) -> tupl
         tok = logits[:, -1].argmax(-1, keepdim=True)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
-            tok = model(tok, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+            tok = model.decode_step(tok, None, cache).argmax(-1, keepdim=True)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1, t1 - t0
 
@@ -66,7 +66,9 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, min(model.config.vocab_size, 151643), (batch, prompt_tokens), generator=g)
     ids = ids.to(model.device)
-    _one_run(model, ids[:, : min(prompt_tokens, 32)], 4)  # warm-up
+    t = time.perf_counter()
+    _one_run(model, ids[:, : min(prompt_tokens, 32)], 4)  # warm-up (and compilation, with compile_decode)
+    warmup_s = time.perf_counter() - t
     results = [_one_run(model, ids, new_tokens) for _ in range(runs)]
     prefill = statistics.median(r[0] for r in results)
     decode = statistics.median(r[1] for r in results)
@@ -76,6 +78,8 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
         "ttft_s": statistics.median(r[2] for r in results),
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
+        "compiled": bool(getattr(model, "decode_compiled", False)),
+        "warmup_s": warmup_s,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "batch": batch,
@@ -83,9 +87,14 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
     }
 
 
-def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "cpu", **kwargs: Any) -> dict[str, Any]:
+def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "cpu", compile: bool = False,
+                     **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    """Load ``path``, convert it to ``precision`` and time it (``compile``: the decode step through
+    ``torch.compile``; its compilation shows in ``warmup_s``)."""
     t = time.perf_counter()
     model = with_precision(load_model(path, dtype="float32", device=device), precision)
+    if compile:
+        model.compile_decode()
     load_s = time.perf_counter() - t
     out = run_bench(model, **kwargs)
     weight_bytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))

@@ -42,6 +42,13 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--window", metavar="SCHEDULE",
                    help="window attention, EXPERIMENTAL: 'default' or per-layer windows like 2kx4,4kx4,8k "
                         "(see README, Long context)")  # fmt: skip
+    _add_compile_arg(p)
+
+
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decoding step with torch.compile (the first tokens wait for the compiler, "
+                        "about 1.5 min for the demo model on 2 CPU cores; see benchmarks/RESULTS.md)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +75,8 @@ def _load(args: argparse.Namespace):
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=args.dtype, device=args.device, ntk=getattr(args, "ntk", None),
                        logn=getattr(args, "logn", None), window=getattr(args, "window", None))  # fmt: skip
+    if getattr(args, "compile", False):
+        model.compile_decode()
     print(f"qwenlm: loaded {path.name} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)  # fmt: skip
     return model, tokenizer
@@ -193,7 +202,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     path = _resolve_model_path(args.model)
     device = "cpu" if args.device == "auto" else args.device
     result = bench_checkpoint(path, args.precision, device=device, prompt_tokens=args.prompt_tokens,
-                              new_tokens=args.new_tokens, batch=args.batch, runs=args.runs)  # fmt: skip
+                              new_tokens=args.new_tokens, batch=args.batch, runs=args.runs,
+                              compile=args.compile)  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
@@ -286,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_compile_arg(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

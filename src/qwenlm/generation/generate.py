@@ -109,7 +109,7 @@ def stream_generate(
                 return
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-            logits = model(next_ids[:, None], attention_mask, past_key_values=cache).logits
+            logits = model.decode_step(next_ids[:, None], attention_mask, cache)[:, None]
 
 
 def generate(

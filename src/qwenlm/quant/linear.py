@@ -17,6 +17,41 @@ from torch import nn
 
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
+ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # 4-bit fitting works on this many weights at a time (bounded memory)
+SCALE_STEPS = tuple(x / 5 for x in range(-5, 6))  # offsets to the 15 steps of a group's range that are tried
+
+
+def fit_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit codes for ``w`` (n, k) in groups of ``group_size`` along k, each group ~ ``(q - 8) * scale + zero``.
+
+    Plain min-max rounding wastes the grid on outliers. For each group we try a few grid spacings around
+    min-max (``SCALE_STEPS``), round, then refit scale and offset to the chosen codes by least squares, and
+    keep the spacing with the smallest squared error (the idea of llama.cpp's k-quant search). A group that
+    already lies on a 4-bit grid is recovered exactly. Returns codes (n, k) uint8 and scale, zero (n, k/g).
+    """
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size)
+    lo = g.amin(dim=-1, keepdim=True)
+    span = (g.amax(dim=-1, keepdim=True) - lo).clamp(min=1e-8)
+    sum_w = g.sum(dim=-1, keepdim=True)
+    best_err = best_q = best_s = best_m = None
+    for step in SCALE_STEPS:
+        q = torch.clamp(torch.round((g - lo) * ((15 + step) / span)), 0, 15)
+        sum_q, sum_qq, sum_qw = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True), (q * g).sum(-1, keepdim=True)
+        det = group_size * sum_qq - sum_q * sum_q
+        flat = det <= 0  # every code equal: the group is constant
+        s = torch.where(flat, span / 15, (group_size * sum_qw - sum_q * sum_w) / torch.where(flat, 1.0, det))
+        m = (sum_w - s * sum_q) / group_size
+        err = (torch.addcmul(m, s, q) - g).square_().sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_q, best_s, best_m = err, q, s, m
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better, q, best_q)
+            best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+    scale, offset = best_s.squeeze(-1), best_m.squeeze(-1)
+    return best_q.to(torch.uint8).reshape(n, k), scale, offset + 8 * scale
 
 
 class Int8Linear(nn.Module):
@@ -82,14 +117,11 @@ class Int4Linear(nn.Module):
         w = linear.weight.detach().float()
         n, k = w.shape
         out = cls(k, n, linear.bias is not None, group_size, device=w.device)
-        g = w.reshape(n, k // group_size, group_size)
-        lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-        scale = (hi - lo).clamp(min=1e-8) / 15.0
-        q = torch.clamp(torch.round((g - lo) / scale), 0, 15).to(torch.uint8).reshape(n, k)
-        zero = lo + 8 * scale  # so that w = (q - 8) * scale + zero
-        out.qweight.copy_(q[:, ::2] | (q[:, 1::2] << 4))
-        sz = torch.stack([scale.reshape(n, -1).t(), zero.reshape(n, -1).t()], dim=-1)
-        out.scales_and_zeros.copy_(sz.to(KERNEL_DTYPE))
+        rows = max(1, ROWS_PER_CHUNK_ELEMENTS // k)
+        for r in range(0, n, rows):
+            q, scale, zero = fit_int4_groups(w[r : r + rows], group_size)
+            out.qweight[r : r + rows] = q[:, ::2] | (q[:, 1::2] << 4)
+            out.scales_and_zeros[:, r : r + rows] = torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE)
         if linear.bias is not None:
             out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return out

@@ -103,7 +103,7 @@ class Batch:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
         ids = torch.tensor(next_ids, dtype=torch.long, device=self.mask.device)[:, None]
         mask = None if self.rows == 1 and bool(self.mask[0, 0]) else self.mask  # nothing to hide
-        return self.model(ids, mask, past_key_values=self.cache).logits[:, -1]
+        return self.model.decode_step(ids, mask, self.cache)
 
     def remove(self, rows: list[int]) -> None:
         """Drop the given rows (finished or abandoned requests); their slots are free at once."""

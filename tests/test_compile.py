@@ -1,0 +1,61 @@
+"""The decoding step through ``torch.compile`` gives the tokens and logits of eager mode, and can be switched off."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qwenlm.quant import quantize
+from tests.builders import random_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config(), seed=3)
+
+
+def _decode_logits(model, ids, mask, steps):
+    """Prefill ``ids`` then feed the greedy token ``steps`` times; the logits of every decode step."""
+    out = []
+    with torch.inference_mode():
+        cache = model.new_cache()
+        logits = model(ids, mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        for _ in range(steps):
+            tok = logits.argmax(-1, keepdim=True)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = model.decode_step(tok, mask, cache)
+            out.append(logits)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_compiled_decode_matches_eager(model, precision):
+    m = copy.deepcopy(model) if precision == "fp32" else quantize(copy.deepcopy(model), 8)
+    ids = torch.randint(0, 151643, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row: the growing mask goes through the compiled step too
+    eager = _decode_logits(m, ids, mask, 12)
+    m.compile_decode()
+    assert m.decode_compiled
+    compiled = _decode_logits(m, ids, mask, 12)
+    torch.testing.assert_close(compiled, eager, atol=2e-4 if precision == "fp32" else 2e-2, rtol=1e-4)
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+    single = m.generate(ids[:1], max_new_tokens=10, do_sample=False, eos_token_id=None)
+    m.compile_decode(False)
+    assert not m.decode_compiled
+    assert torch.equal(single, m.generate(ids[:1], max_new_tokens=10, do_sample=False, eos_token_id=None))
+
+
+def test_a_copy_of_a_compiled_model_decodes_eagerly_with_its_own_weights(model):
+    m = copy.deepcopy(model).compile_decode()
+    clone = copy.deepcopy(m)
+    assert m.decode_compiled and not clone.decode_compiled
+    with torch.no_grad():
+        clone.lm_head.weight.zero_()
+    cache = clone.new_cache()
+    with torch.inference_mode():
+        clone(torch.tensor([[1, 2, 3]]), past_key_values=cache)
+        assert clone.decode_step(torch.tensor([[4]]), None, cache).abs().max() == 0

@@ -1,11 +1,13 @@
 """qwenlm (each precision) vs HF transformers vs llama.cpp on the demo model, in one run.
 
     python benchmarks/compare.py [--runs 3] [--prompt 512] [--new 128] [--batch8-new 32] [--json OUT]
-                                 [--engines qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,hf-fp32,hf-bf16,llamacpp]
+                                 [--engines qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,qwenlm-int4+compile,
+                                            hf-fp32,hf-bf16,llamacpp]
 
 Each engine runs in its own process (so peak memory is its own), on the same GGUF weights: qwenlm loads the
 GGUF, HF transformers runs its own Qwen2ForCausalLM on the weights dequantised to fp32 (cast for bf16), and
 llama.cpp (llama-cpp-python, n_threads=--threads) runs the GGUF as shipped. Medians of --runs after a warm-up.
+``+compile`` runs qwenlm's decode step through torch.compile; its compilation time is ``warmup_s`` in the JSON.
 Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth.
 """
 
@@ -22,19 +24,26 @@ import time
 BANDWIDTH_GB_S = {1: 12.0, 2: 22.0}
 
 
-def child_qwenlm(precision: str, args) -> dict:
-    from qwenlm.bench import bench_checkpoint, run_bench, with_precision
+def child_qwenlm(variant: str, args) -> dict:
+    """``variant``: a precision, optionally with ``+compile`` (the decode step through torch.compile)."""
+    from qwenlm.bench import run_bench, with_precision
     from qwenlm.checkpoint import load_model
     from qwenlm.demo import demo_model_path
 
+    precision, _, flag = variant.partition("+")
     path = demo_model_path(progress_bar=False)
-    r = bench_checkpoint(path, precision, prompt_tokens=args.prompt, new_tokens=args.new, runs=args.runs)
-    model = with_precision(load_model(path, dtype="float32", device="cpu"), precision)
+    t = time.perf_counter()
+    model = with_precision(load_model(path, dtype="float32", device="cpu"), precision, source=path)
+    if flag == "compile":
+        model.compile_decode()
+    load_s = time.perf_counter() - t
+    r = run_bench(model, prompt_tokens=args.prompt, new_tokens=args.new, runs=args.runs)
     r8 = run_bench(model, prompt_tokens=64, new_tokens=args.batch8_new, batch=8, runs=args.runs)
     # weights read per decoded token: every linear plus one embedding row
     read = sum(b.numel() * b.element_size() for n, b in list(model.named_parameters()) + list(model.named_buffers())
                if "wte" not in n)  # fmt: skip
-    r.update(batch8_tok_s=r8["decode_tok_s"], bytes_per_token=read)
+    r.update(batch8_tok_s=r8["decode_tok_s"], bytes_per_token=read, load_s=load_s, precision=variant,
+             batch8_warmup_s=r8["warmup_s"])  # fmt: skip
     return r
 
 
@@ -123,7 +132,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch8-new", type=int, default=32)
-    ap.add_argument("--engines", default="qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,hf-fp32,hf-bf16,llamacpp")
+    ap.add_argument("--engines", default="qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,qwenlm-int4+compile,"
+                                         "hf-fp32,hf-bf16,llamacpp")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -146,12 +156,12 @@ def main() -> None:
     ok = {k: v for k, v in results.items() if isinstance(v, dict)}
     base_lc = ok.get("llamacpp")
     base_hf = ok.get("hf-fp32")
-    hdr = (f"{'engine':13s} {'prefill t/s':>11s} {'decode t/s':>10s} {'b8 t/s':>7s} {'TTFT s':>7s} {'peak MB':>8s} "
+    hdr = (f"{'engine':20s} {'prefill t/s':>11s} {'decode t/s':>10s} {'b8 t/s':>7s} {'TTFT s':>7s} {'peak MB':>8s} "
            f"{'GB/s':>5s} {'of BW':>6s} {'dec/llama':>9s} {'dec/HF32':>8s} {'pre/llama':>9s}")  # fmt: skip
     print(hdr)
     for engine, r in results.items():
         if not isinstance(r, dict):
-            print(f"{engine:13s} unavailable: {r}")
+            print(f"{engine:20s} unavailable: {r}")
             continue
         gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
 
@@ -159,7 +169,7 @@ def main() -> None:
             return f"{r[key] / base[key]:.2f}x" if base else "-"
 
         b8 = f"{r['batch8_tok_s']:7.1f}" if r.get("batch8_tok_s") else f"{'-':>7s}"
-        print(f"{engine:13s} {r['prefill_tok_s']:11.1f} {r['decode_tok_s']:10.2f} {b8} {r['ttft_s']:7.2f} "
+        print(f"{engine:20s} {r['prefill_tok_s']:11.1f} {r['decode_tok_s']:10.2f} {b8} {r['ttft_s']:7.2f} "
               f"{r['peak_rss_mb']:8.0f} {gbs:5.1f} {gbs / BANDWIDTH_GB_S.get(args.threads, 22.0):6.0%} "
               f"{ratio('decode_tok_s', base_lc):>9s} "
               f"{ratio('decode_tok_s', base_hf):>8s} {ratio('prefill_tok_s', base_lc):>9s}")  # fmt: skip

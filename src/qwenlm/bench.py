@@ -30,8 +30,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def with_precision(model: QwenForCausalLM, precision: str) -> QwenForCausalLM:
-    """The model at ``precision`` (``auto``: int8 weights on CPU, bf16 on GPU)."""
+def with_precision(model: QwenForCausalLM, precision: str, source: str | Path | None = None) -> QwenForCausalLM:
+    """The model at ``precision`` (``auto``: int8 weights on CPU, bf16 on GPU). ``source``: the checkpoint
+    the model came from; a GGUF file's 4-bit tensors then become int4 layers without a second rounding."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
@@ -40,9 +41,10 @@ def with_precision(model: QwenForCausalLM, precision: str) -> QwenForCausalLM:
         return model.float()
     if precision == "bf16":
         return model.to(torch.bfloat16)
-    from .quant import quantize
+    from .quant import gguf_grids, quantize
 
-    return quantize(model, 8 if precision == "int8" else 4)
+    bits = 8 if precision == "int8" else 4
+    return quantize(model, bits, grids=gguf_grids(source, bits) if source is not None else None)
 
 
 def _one_run(model: QwenForCausalLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, float]:
@@ -92,7 +94,7 @@ def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "c
     """Load ``path``, convert it to ``precision`` and time it (``compile``: the decode step through
     ``torch.compile``; its compilation shows in ``warmup_s``)."""
     t = time.perf_counter()
-    model = with_precision(load_model(path, dtype="float32", device=device), precision)
+    model = with_precision(load_model(path, dtype="float32", device=device), precision, source=path)
     if compile:
         model.compile_decode()
     load_s = time.perf_counter() - t

@@ -207,6 +207,34 @@ def _reader_class() -> type:
     return PlainArrayReader
 
 
+def read_gguf_int4(path: str | Path) -> dict[str, Any]:
+    """The 4-bit tensors (Q4_0, Q4_1, Q4_K) of a Qwen GGUF file as ``gguf_int4.Int4Grid`` by the name of the
+    model's linear layer (``transformer.h.0.mlp.c_proj``…), for ``quant.quantize`` to take over as they are.
+    Qwen2's q/k/v are stacked into ``c_attn`` only when all three are 4-bit; other tensors are left out."""
+    from .checkpoint import qwen2_to_v1_names
+    from .gguf_int4 import INT4_TYPES, Int4Grid, int4_grid
+
+    path = Path(path)
+    reader = open_gguf(path)
+    arch = reader.fields["general.architecture"].contents()
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    n_layers = 1 + max((int(m.group(1)) for n in shapes if (m := _BLOCK_RE.fullmatch(n))), default=-1)
+    names = _hf_names(arch, shapes, n_layers, str(path))
+    grids = {
+        names[t.name]: int4_grid(t.data, t.tensor_type.name, shapes[t.name])
+        for t in reader.tensors
+        if t.tensor_type.name in INT4_TYPES and t.name in names and names[t.name].endswith(".weight")
+    }
+    if arch == "qwen2":
+        qkv = re.compile(r"model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.weight")
+        layers = [m.group(1) for n in grids if (m := qkv.fullmatch(n))]
+        for name in [n for n in grids if (m := qkv.fullmatch(n)) and layers.count(m.group(1)) < 3]:
+            del grids[name]  # a partly 4-bit c_attn is quantised as a whole instead
+        parts = [qwen2_to_v1_names({n: g[i] for n, g in grids.items()}) for i in range(3)]
+        grids = {n: Int4Grid(*(p[n] for p in parts)) for n in parts[0]}
+    return {name.removesuffix(".weight"): grid for name, grid in grids.items()}
+
+
 def supported_types() -> list[str]:
     """Names of the GGUF tensor types the ``gguf`` package can dequantise."""
     traits = getattr(_gguf.quants, "_type_traits", {})  # private in gguf 0.19; fall back to the plain types

@@ -11,6 +11,8 @@ multiplied on the matrix units instead: matrix-vector kernels are for decoding, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,6 +128,19 @@ class Int4Linear(nn.Module):
             out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return out
 
+    @classmethod
+    def from_grid(cls, grid: Any, bias: torch.Tensor | None = None) -> Int4Linear:
+        """Take over weights that already are 4-bit codes in groups of 32 (``gguf_int4.Int4Grid``): the
+        codes unchanged, scale and offset rounded to the kernel's bf16."""
+        n, k = grid.codes.shape
+        out = cls(k, n, bias is not None, 32)
+        q = grid.codes
+        out.qweight.copy_(q[:, ::2] | (q[:, 1::2] << 4))
+        out.scales_and_zeros.copy_(torch.stack([grid.scale.t(), grid.zero.t()], dim=-1).to(KERNEL_DTYPE))
+        if bias is not None:
+            out.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return out
+
     def _values(self) -> torch.Tensor:
         q = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device=self.qweight.device)
         q[:, ::2] = self.qweight & 0x0F
@@ -151,7 +166,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
-        if x2.shape[0] >= PREFILL_ROWS:
+        if x2.shape[0] >= PREFILL_ROWS or self.out_features % 16:  # the packed kernels need 16 | out
             y = F.linear(x2, self.dequantize())
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group_size,

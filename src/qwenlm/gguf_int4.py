@@ -1,0 +1,84 @@
+"""GGUF 4-bit tensors (Q4_0, Q4_1, Q4_K) as the codes, scales and offsets of ``quant.Int4Linear``.
+
+All three formats are groups of 32 weights ``w = (q - 8) * scale + zero`` with 4-bit codes ``q``, which is
+exactly the layout of our 4-bit layer (groups of 32): the codes carry over unchanged, so quantising such a
+tensor again from its dequantised values (a second, lossy rounding) is not needed. Only the per-group scale
+and offset are rounded once more, to the kernel's bf16. Block layouts follow ggml (``ggml-quants.c``):
+
+* Q4_0, 18 bytes per 32 weights: f16 ``d``, 16 bytes of nibbles; ``w = d * (q - 8)``.
+* Q4_1, 20 bytes per 32 weights: f16 ``d``, f16 ``m``, 16 bytes of nibbles; ``w = d * q + m``.
+  In both, byte ``i`` holds weight ``i`` in its low nibble and weight ``i + 16`` in its high nibble.
+* Q4_K, 144 bytes per 256 weights: f16 ``d``, f16 ``dmin``, 12 bytes of 6-bit sub-block scales and mins,
+  128 bytes of nibbles; sub-block ``j`` (32 weights) is ``w = d * sc_j * q - dmin * m_j``; each 32-byte
+  run of nibbles holds sub-block ``2c`` in its low and ``2c + 1`` in its high nibbles.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+class Int4Grid(NamedTuple):
+    codes: torch.Tensor  # (out, in) uint8 in 0..15
+    scale: torch.Tensor  # (out, in / 32) float32
+    zero: torch.Tensor  # (out, in / 32) float32, so that w = (codes - 8) * scale + zero
+
+
+def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
+    return blocks[:, offset : offset + 2].copy().view(np.float16).astype(np.float32)[:, 0]
+
+
+def _low_high(nibbles: np.ndarray) -> np.ndarray:
+    """(..., 16) bytes -> (..., 32) codes: the low nibbles first, then the high ones."""
+    return np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+
+
+def _q4_0_or_1(blocks: np.ndarray, with_min: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _f16(blocks, 0)
+    start = 4 if with_min else 2
+    codes = _low_high(blocks[:, start : start + 16])
+    zero = _f16(blocks, 2) + 8 * d if with_min else np.zeros_like(d)
+    return codes, d, zero
+
+
+def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    s = blocks[:, 4:16].astype(np.uint16)
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    qs = blocks[:, 16:144].reshape(-1, 4, 32)
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)  # sub-block 2c = low, 2c + 1 = high
+    scale = d[:, None] * sc.astype(np.float32)
+    zero = 8 * scale - dmin[:, None] * mn.astype(np.float32)
+    return codes.reshape(-1, 32), scale.reshape(-1), zero.reshape(-1)
+
+
+def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Grid:
+    """The 4-bit grid of one GGUF tensor: ``data`` its raw bytes, ``shape`` (out, in) in Linear layout."""
+    if type_name not in INT4_TYPES:
+        raise ValueError(f"{type_name} is not a 4-bit GGUF type with groups of 32 ({', '.join(INT4_TYPES)})")
+    out_f, in_f = shape
+    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}[type_name]
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, block_bytes)
+    if type_name == "Q4_K":
+        codes, scale, zero = _q4_k(blocks)
+    else:
+        codes, scale, zero = _q4_0_or_1(blocks, with_min=type_name == "Q4_1")
+    groups = in_f // 32
+    return Int4Grid(
+        torch.from_numpy(codes.astype(np.uint8).reshape(out_f, in_f)),
+        torch.from_numpy(scale.reshape(out_f, groups).astype(np.float32)),
+        torch.from_numpy(zero.reshape(out_f, groups).astype(np.float32)),
+    )
+
+
+def dequantize_grid(grid: Int4Grid) -> torch.Tensor:
+    """The float32 weights a grid stands for (for checks)."""
+    out_f, in_f = grid.codes.shape
+    q = grid.codes.float().reshape(out_f, -1, 32) - 8
+    return (q * grid.scale[..., None] + grid.zero[..., None]).reshape(out_f, in_f)

@@ -26,14 +26,13 @@ BANDWIDTH_GB_S = {1: 12.0, 2: 22.0}
 
 def child_qwenlm(variant: str, args) -> dict:
     """``variant``: a precision, optionally with ``+compile`` (the decode step through torch.compile)."""
-    from qwenlm.bench import run_bench, with_precision
-    from qwenlm.checkpoint import load_model
+    from qwenlm.bench import load_at_precision, run_bench
     from qwenlm.demo import demo_model_path
 
     precision, _, flag = variant.partition("+")
     path = demo_model_path(progress_bar=False)
     t = time.perf_counter()
-    model = with_precision(load_model(path, dtype="float32", device="cpu"), precision, source=path)
+    model = load_at_precision(path, precision)
     if flag == "compile":
         model.compile_decode()
     load_s = time.perf_counter() - t

@@ -34,7 +34,7 @@ def main() -> None:
     print(f"{'precision':9s} {'perplexity':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'seconds':>8s}")
     ppl = {}
     for precision in ("fp32", "bf16", "int8", "int4"):
-        model = with_precision(copy.deepcopy(base), precision)
+        model = with_precision(copy.deepcopy(base), precision, source=path)
         t = time.perf_counter()
         ppl[precision] = perplexity(model, samples)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qwenlm import QwenForCausalLM
+from qwenlm.checkpoint import load_model
 from qwenlm.gguf import read_gguf_int4
 from qwenlm.gguf_int4 import dequantize_grid, int4_grid
 from qwenlm.quant import Int4Linear, Int8Linear, gguf_grids, quantize
@@ -87,3 +88,15 @@ def test_gguf_grids_only_for_int4_in_groups_of_32(tiny_q4, tmp_path):
     quantize(model, 8, grids=read_gguf_int4(tiny_q4))  # int8 ignores 4-bit grids
     assert all(not isinstance(m, Int4Linear) for m in model.modules())
     assert any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def test_quantise_while_loading_a_gguf_keeps_its_4bit_codes_and_a_tied_head(tmp_path):
+    path = tmp_path / "tied.gguf"
+    write_tiny_gguf(path, TinySpec(tied=True, types={"ffn_down.weight": Q.Q4_1, "token_embd.weight": Q.Q8_0}))
+    model = load_model(path, dtype="float32", device="cpu", quantize=4)
+    assert model.lm_head.weight is model.transformer.wte.weight  # the tied head stays the embedding
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 2 * 5
+    grids = read_gguf_int4(path)
+    assert sorted(grids) == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+    for name, grid in grids.items():
+        assert torch.equal(model.get_submodule(name)._values(), grid.codes)

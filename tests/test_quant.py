@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from qwenlm import QwenForCausalLM
-from qwenlm.checkpoint import load_tokenizer
+from qwenlm.checkpoint import load_model, load_tokenizer
 from qwenlm.quant import Int4Linear, Int8Linear, quantize
 from qwenlm.quant.linear import fit_int4_groups
 from qwenlm.quant.saving import quantize_checkpoint
@@ -109,6 +109,22 @@ def test_save_and_load_quantised_checkpoint(ckpt, tmp_path, bits):
     assert loaded.generation_config.max_new_tokens == 16
     out = loaded.generate(ids, max_new_tokens=4, eos_token_id=None)
     assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantise_while_loading_equals_quantising_the_loaded_model(ckpt, bits):
+    on_load = load_model(ckpt, dtype="float32", device="cpu", quantize=bits)
+    after = quantize(load_model(ckpt, dtype="float32", device="cpu"), bits)
+    assert on_load.quantization == after.quantization
+    assert not any(isinstance(m, nn.Linear) and n != "lm_head" for n, m in on_load.named_modules())
+    assert on_load.state_dict().keys() == after.state_dict().keys()
+    for name, value in after.state_dict().items():
+        assert torch.equal(on_load.state_dict()[name], value), name
+
+
+def test_quantise_while_loading_checks_bits(ckpt):
+    with pytest.raises(ValueError, match="quantize must be 8 or 4 .bits., got 3"):
+        load_model(ckpt, quantize=3)
 
 
 def test_quantise_into_non_empty_folder_is_refused(ckpt, tmp_path):

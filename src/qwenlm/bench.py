@@ -47,6 +47,17 @@ def with_precision(model: QwenForCausalLM, precision: str, source: str | Path | 
     return quantize(model, bits, grids=gguf_grids(source, bits) if source is not None else None)
 
 
+def load_at_precision(path: str | Path, precision: str, device: str = "cpu") -> QwenForCausalLM:
+    """Load ``path`` at ``precision``; int8/int4 are quantised while loading (peak memory ~ quantised size)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "int8" if torch.device(device).type == "cpu" else "bf16"
+    if precision in ("int8", "int4"):
+        return load_model(path, dtype="float32", device=device, quantize=8 if precision == "int8" else 4)
+    return with_precision(load_model(path, dtype="float32", device=device), precision)
+
+
 def _one_run(model: QwenForCausalLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, float]:
     with torch.inference_mode():
         cache = model.new_cache(ids.shape[1] + new_tokens)
@@ -94,7 +105,7 @@ def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "c
     """Load ``path``, convert it to ``precision`` and time it (``compile``: the decode step through
     ``torch.compile``; its compilation shows in ``warmup_s``)."""
     t = time.perf_counter()
-    model = with_precision(load_model(path, dtype="float32", device=device), precision, source=path)
+    model = load_at_precision(path, precision, device)
     if compile:
         model.compile_decode()
     load_s = time.perf_counter() - t

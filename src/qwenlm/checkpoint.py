@@ -163,7 +163,7 @@ def qwen2_to_v1_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], source: str,
-            dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+            dtype: torch.dtype, device: torch.device, on_loaded: Any = None) -> None:  # fmt: skip
     expected = dict(model.state_dict(keep_vars=True))
     # Buffers (quantised weights and their scales) keep their stored dtype; parameters take ``dtype``.
     keep_dtype = {name for name, _ in model.named_buffers()}
@@ -185,6 +185,8 @@ def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]],
         value = tensor.to(device=device, copy=True) if keep else tensor.to(device=device, dtype=dtype)
         model.load_state_dict({name: value}, strict=False, assign=True)
         loaded.add(name)
+        if on_loaded is not None:
+            on_loaded(name)
     problems = []
     if mismatched:
         problems.append("tensors whose shapes do not fit config.json:\n  " + "\n  ".join(mismatched))
@@ -203,18 +205,21 @@ def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]],
 
 
 def _build(config: QwenConfig, tensors: Iterator[tuple[str, torch.Tensor]], source: str,
-           dtype: torch.dtype, device: torch.device) -> QwenForCausalLM:  # fmt: skip
+           dtype: torch.dtype, device: torch.device, quantizer: Any = None) -> QwenForCausalLM:  # fmt: skip
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     from .quant.saving import quantization_of
 
     quant = quantization_of(config.extra)
+    on_loaded = None
     if quant is not None:
         from .quant import quantized_structure
 
         quantized_structure(model, *quant)
+    elif quantizer is not None:
+        on_loaded = quantizer(model).loaded
     mapper = _NameMapper(config.is_qwen2)
-    _assign(model, (m for name, t in tensors for m in mapper(name, t)), source, dtype, device)
+    _assign(model, (m for name, t in tensors for m in mapper(name, t)), source, dtype, device, on_loaded)
     if mapper.incomplete():
         raise CheckpointError(f"{source}: incomplete q/k/v projections: {', '.join(mapper.incomplete())}")
     return model.eval()
@@ -228,12 +233,17 @@ def load_model(
     ntk: bool | None = None,
     logn: bool | None = None,
     window: Any = None,
+    quantize: int | None = None,
 ) -> QwenForCausalLM:
     """Load a model from a checkpoint folder (official Qwen v1 or HF Qwen2 layout, safetensors or
     ``pytorch_model*.bin``, single or sharded) or a ``.gguf`` file.
 
     ``ntk`` / ``logn`` override the config's ``use_dynamic_ntk`` / ``use_logn_attn``; ``window`` sets a
     window-attention schedule (experimental; a ``longctx.WindowSchedule`` or its spec, e.g. ``"default"``).
+    ``quantize`` (8 or 4): weight-only quantisation of each linear layer as soon as it is read, so the
+    full-precision model never exists at once (``dtype`` is then the precision of the rest: embedding,
+    norms, activations); a GGUF file's 4-bit tensors keep their codes. A checkpoint saved quantised
+    (``qwenlm quantize``) loads as it is.
     """
     path = Path(path)
     device = resolve_device(device)
@@ -243,9 +253,9 @@ def load_model(
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import read_gguf
 
-        ckpt = read_gguf(path, dtype=dtype)
+        ckpt = read_gguf(path, dtype=dtype, tensors=False)
         config = _with_overrides(QwenConfig.from_dict(ckpt.config, source=str(path)), ntk, logn)
-        model = _build(config, iter(ckpt.tensors.items()), str(path), dtype, device)
+        model = _build(config, ckpt.stream(), str(path), dtype, device, _quantizer(path, quantize))
         model.generation_config = GenerationConfig(eos_token_id=ckpt.eos_token_id, pad_token_id=ckpt.eos_token_id)
         if window is not None:
             model.transformer.set_long_context(window=window)
@@ -253,11 +263,23 @@ def load_model(
     if not path.is_dir():
         raise ValueError(f"{path} is neither a checkpoint folder nor a .gguf file")
     config = _with_overrides(QwenConfig.from_json(path), ntk, logn)
-    model = _build(config, read_tensors(path), f"checkpoint {path}", dtype, device)
+    model = _build(config, read_tensors(path), f"checkpoint {path}", dtype, device, _quantizer(path, quantize))
     model.generation_config = GenerationConfig.from_folder(path)
     if window is not None:
         model.transformer.set_long_context(window=window)
     return model
+
+
+def _quantizer(path: Path, bits: int | None) -> Any:
+    """What builds the load-time ``quant.Quantizer`` for a model, or None."""
+    if bits is None:
+        return None
+    from .quant import Quantizer, gguf_grids
+
+    if bits not in (4, 8):
+        raise ValueError(f"quantize must be 8 or 4 (bits), got {bits!r}")
+    grids = gguf_grids(path, bits)
+    return lambda model: Quantizer(model, bits, grids=grids)
 
 
 def _with_overrides(config: QwenConfig, ntk: bool | None, logn: bool | None) -> QwenConfig:

@@ -17,7 +17,8 @@ innermost first, i.e. the reverse).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +85,19 @@ class GGUFCheckpoint:
     architecture: str  # "qwen2" or "qwen"
     general_name: str | None
     config: dict[str, Any]  # an HF-style config.json (Qwen2Config keys, or official Qwen v1 keys)
-    tensors: dict[str, torch.Tensor]  # HF names, [out, in] layout
+    tensors: dict[str, torch.Tensor]  # HF names, [out, in] layout (empty when read with tensors=False)
     tokenizer: QwenTokenizer
     chat_template: str | None
     eos_token_id: int
+    stream: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False, default=lambda: iter(()))
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_bar: bool = True) -> GGUFCheckpoint:
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_bar: bool = True,
+              tensors: bool = True) -> GGUFCheckpoint:  # fmt: skip
     """Read and dequantise a Qwen GGUF file.
 
     ``dtype`` is the floating type of every returned tensor (dequantisation itself runs in float32).
+    ``tensors=False`` reads only the metadata: ``stream()`` then dequantises one tensor at a time.
     """
     path = Path(path)
     if not dtype.is_floating_point:
@@ -125,26 +129,29 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_
             f"{source}: the vocabulary has {len(tokenizer)} tokens but token_embd.weight only "
             f"{config['vocab_size']} rows; the file is inconsistent"
         )
-    tensors = {}
-    todo = [t for t in reader.tensors if t.name in names]
-    # Counted in weights, not tensors: the two embedding matrices are a third of the work.
-    bar = progress.bar(sum(int(t.n_elements) for t in todo), f"dequantising {path.name}", "w", progress_bar,
-                       unit_scale=True)  # fmt: skip
-    try:
-        for t in todo:
-            tensors[names[t.name]] = _dequantize(t, dtype)
-            bar.update(int(t.n_elements))
-    finally:
-        bar.close()
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        todo = [t for t in reader.tensors if t.name in names]
+        # Counted in weights, not tensors: the two embedding matrices are a third of the work.
+        bar = progress.bar(sum(int(t.n_elements) for t in todo), f"dequantising {path.name}", "w", progress_bar,
+                           unit_scale=True)  # fmt: skip
+        try:
+            for t in todo:
+                yield names[t.name], _dequantize(t, dtype)
+                bar.update(int(t.n_elements))
+        finally:
+            bar.close()
+
     return GGUFCheckpoint(
         path=path,
         architecture=arch,
         general_name=meta.get("general.name"),
         config=config,
-        tensors=tensors,
+        tensors=dict(stream()) if tensors else {},
         tokenizer=tokenizer,
         chat_template=meta.get("tokenizer.chat_template"),
         eos_token_id=tokenizer.eos_token_id,
+        stream=stream,
     )
 
 

@@ -24,9 +24,18 @@ INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
 class Int4Grid(NamedTuple):
-    codes: torch.Tensor  # (out, in) uint8 in 0..15
+    packed: torch.Tensor  # (out, in / 2) uint8: code of weight 2i in the low, of 2i + 1 in the high nibble
     scale: torch.Tensor  # (out, in / 32) float32
     zero: torch.Tensor  # (out, in / 32) float32, so that w = (codes - 8) * scale + zero
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], 2 * self.packed.shape[1]
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """(out, in) uint8 codes in 0..15."""
+        return torch.stack([self.packed & 0x0F, self.packed >> 4], dim=-1).reshape(self.shape)
 
 
 def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -70,8 +79,9 @@ def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4G
     else:
         codes, scale, zero = _q4_0_or_1(blocks, with_min=type_name == "Q4_1")
     groups = in_f // 32
+    codes = codes.astype(np.uint8).reshape(out_f, in_f)
     return Int4Grid(
-        torch.from_numpy(codes.astype(np.uint8).reshape(out_f, in_f)),
+        torch.from_numpy(codes[:, ::2] | (codes[:, 1::2] << 4)),
         torch.from_numpy(scale.reshape(out_f, groups).astype(np.float32)),
         torch.from_numpy(zero.reshape(out_f, groups).astype(np.float32)),
     )
@@ -79,6 +89,6 @@ def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4G
 
 def dequantize_grid(grid: Int4Grid) -> torch.Tensor:
     """The float32 weights a grid stands for (for checks)."""
-    out_f, in_f = grid.codes.shape
+    out_f, in_f = grid.shape
     q = grid.codes.float().reshape(out_f, -1, 32) - 8
     return (q * grid.scale[..., None] + grid.zero[..., None]).reshape(out_f, in_f)

@@ -10,7 +10,7 @@ from torch import nn
 
 from .linear import Int4Linear, Int8Linear
 
-__all__ = ["Int4Linear", "Int8Linear", "gguf_grids", "quantize", "quantized_structure"]
+__all__ = ["Int4Linear", "Int8Linear", "Quantizer", "gguf_grids", "quantize", "quantized_structure"]
 
 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, str]]:
@@ -27,29 +27,56 @@ def _check(bits: int) -> None:
         raise ValueError(f"bits must be 8 or 4, got {bits}")
 
 
-def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, grids: dict[str, Any] | None = None) -> nn.Module:
-    """Quantise ``model`` in place (weight-only int8 per channel, or int4 in groups) and return it.
+class Quantizer:
+    """Swaps a model's linears (decoder blocks and an untied LM head) for quantised ones, one at a time.
 
     ``grids`` (int4 with groups of 32): weights that already are 4-bit, by layer name, taken over without a
-    second rounding, e.g. ``gguf.read_gguf_int4(path)`` of the GGUF the model was loaded from."""
-    _check(bits)
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    grids = grids if bits == 4 and group_size == 32 else None
-    for parent, name, linear, full_name in _targets(model):
-        if tied and name == "lm_head":
-            continue  # the tied head shares the embedding matrix; quantising it would untie them
-        if grids and full_name in grids:
-            grid = grids[full_name]
-            if tuple(grid.codes.shape) != tuple(linear.weight.shape):
-                raise ValueError(f"{full_name}: 4-bit grid of shape {tuple(grid.codes.shape)} does not fit "
+    second rounding, e.g. ``gguf.read_gguf_int4(path)`` of the GGUF the model is loaded from.
+    """
+
+    def __init__(self, model: nn.Module, bits: int, group_size: int = 32, grids: dict[str, Any] | None = None):
+        _check(bits)
+        self.bits, self.group_size = bits, group_size
+        self.grids = grids if bits == 4 and group_size == 32 else None
+        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+        # the tied head shares the embedding matrix; quantising it would untie them
+        self.pending = {full: (parent, name) for parent, name, _, full in _targets(model)
+                        if not (tied and name == "lm_head")}  # fmt: skip
+        model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None}
+
+    def loaded(self, tensor_name: str) -> None:
+        """Called as each tensor is loaded: quantise its layer once the weight (and bias) are all in."""
+        layer = tensor_name.rpartition(".")[0]
+        if layer in self.pending and not any(p.is_meta for p in self._linear(layer).parameters()):
+            self.swap(layer)
+
+    def swap(self, layer: str) -> None:
+        linear = self._linear(layer)
+        grid = self.grids.get(layer) if self.grids else None
+        if grid is not None:
+            if tuple(grid.shape) != tuple(linear.weight.shape):
+                raise ValueError(f"{layer}: 4-bit grid of shape {tuple(grid.shape)} does not fit "
                                  f"the layer's weight {tuple(linear.weight.shape)}")  # fmt: skip
             q = Int4Linear.from_grid(grid, linear.bias)
-        elif bits == 8:
+        elif self.bits == 8:
             q = Int8Linear.from_linear(linear)
         else:
-            q = Int4Linear.from_linear(linear, group_size)
+            q = Int4Linear.from_linear(linear, self.group_size)
+        parent, name = self.pending.pop(layer)
         setattr(parent, name, q)
-    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None}
+
+    def _linear(self, layer: str) -> nn.Linear:
+        parent, name = self.pending[layer]
+        return getattr(parent, name)
+
+
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, grids: dict[str, Any] | None = None) -> nn.Module:
+    """Quantise ``model`` in place (weight-only int8 per channel, or int4 in groups) and return it; ``grids``
+    as for ``Quantizer``. To quantise while loading (never holding the full-precision model), use
+    ``load_model(path, quantize=bits)``."""
+    q = Quantizer(model, bits, group_size, grids)
+    for layer in list(q.pending):
+        q.swap(layer)
     return model
 
 

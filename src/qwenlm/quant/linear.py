@@ -132,10 +132,9 @@ class Int4Linear(nn.Module):
     def from_grid(cls, grid: Any, bias: torch.Tensor | None = None) -> Int4Linear:
         """Take over weights that already are 4-bit codes in groups of 32 (``gguf_int4.Int4Grid``): the
         codes unchanged, scale and offset rounded to the kernel's bf16."""
-        n, k = grid.codes.shape
+        n, k = grid.shape
         out = cls(k, n, bias is not None, 32)
-        q = grid.codes
-        out.qweight.copy_(q[:, ::2] | (q[:, 1::2] << 4))
+        out.qweight.copy_(grid.packed)
         out.scales_and_zeros.copy_(torch.stack([grid.scale.t(), grid.zero.t()], dim=-1).to(KERNEL_DTYPE))
         if bias is not None:
             out.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -16,7 +16,7 @@ from ..convert import save_safetensors, save_tiktoken_bpe
 from ..generation.config import GENERATION_CONFIG_FILE
 from ..hf_tokenizer import save_hf_tokenizer
 from ..tokenizer import VOCAB_FILE, qwen_special_tokens
-from . import gguf_grids, quantize
+from . import quantize
 
 QUANT_KEY = "quantization"
 
@@ -27,8 +27,10 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int = 8, group_s
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new folder or remove it")
     tokenizer = load_tokenizer(src)
-    model = load_model(src, dtype="float32", device="cpu")
-    model = quantize(model, bits, group_size, grids=gguf_grids(src, bits, group_size))
+    if group_size == 32:  # quantised while loading: the full-precision model never exists at once
+        model = load_model(src, dtype="float32", device="cpu", quantize=bits)
+    else:
+        model = quantize(load_model(src, dtype="float32", device="cpu"), bits, group_size)
     dst.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

@@ -33,6 +33,13 @@ def test_generate_sampling_flags_reproducible(ckpt):
     assert run(*args).stdout == run(*args).stdout
 
 
+def test_generate_compiled_prints_what_eager_prints(ckpt):
+    args = ["generate", "--model", str(ckpt), "Hello", "--max-new-tokens", "8", "--no-do-sample"]
+    eager, compiled = run(*args), run(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout
+
+
 def test_info_json(ckpt):
     r = run("info", "--model", str(ckpt), "--json")
     assert r.returncode == 0, r.stderr
@@ -77,6 +84,7 @@ def test_bench_json(ckpt):
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "precision", "threads"):
         assert key in result
     assert result["precision"] == "int8" and result["decode_tok_s"] > 0
+    assert result["compiled"] is False and result["warmup_s"] > 0
 
 
 def test_quantize_command(ckpt, tmp_path):

@@ -59,3 +59,21 @@ def test_a_copy_of_a_compiled_model_decodes_eagerly_with_its_own_weights(model):
     with torch.inference_mode():
         clone(torch.tensor([[1, 2, 3]]), past_key_values=cache)
         assert clone.decode_step(torch.tensor([[4]]), None, cache).abs().max() == 0
+
+
+def test_new_lengths_and_capacities_do_not_recompile():
+    import torch._dynamo
+
+    # head_dim 16 and a first rotary table of 16 rows: sizes that torch.compile would tie together
+    m = random_model(tiny_config(hidden_size=64, kv_channels=16), seed=4).compile_decode()
+    ids = torch.randint(0, 151643, (1, 40), generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.inference_mode():
+            for capacity, prompt in ((12, 7), (300, 37)):
+                cache = m.new_cache(capacity)
+                m(ids[:, :prompt], past_key_values=cache)
+                for step in range(3):
+                    m.decode_step(ids[:, step : step + 1], None, cache)
+                torch._dynamo.config.error_on_recompile = True  # from the second cache on, a recompile fails
+    finally:
+        torch._dynamo.config.error_on_recompile = False

@@ -58,15 +58,23 @@ def load_at_precision(path: str | Path, precision: str, device: str = "cpu") -> 
     return with_precision(load_model(path, dtype="float32", device=device), precision)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+
+
 def _one_run(model: QwenForCausalLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, float]:
     with torch.inference_mode():
         cache = model.new_cache(ids.shape[1] + new_tokens)
+        _sync(ids.device)
         t0 = time.perf_counter()
         logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)
+        _sync(ids.device)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             tok = model.decode_step(tok, None, cache).argmax(-1, keepdim=True)
+        _sync(ids.device)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1, t1 - t0
 

@@ -19,6 +19,7 @@ class KVCache:
         self.capacity = capacity
         self.seq_len = 0
         self.ntk_alphas: list[float] | None = None
+        self.dynamic = False  # mark the capacity dimension dynamic for torch.compile
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
 
@@ -34,6 +35,11 @@ class KVCache:
         v_new = [like.new_zeros(b, h, capacity, d) for _ in range(self.n_layers)]
         for old, new in zip(self._k + self._v, k_new + v_new):
             new[:, :, : self.seq_len] = old[:, :, : self.seq_len]
+        if self.dynamic and not torch.compiler.is_compiling():  # (growing inside the compiled step)
+            from torch._dynamo import maybe_mark_dynamic
+
+            for t in k_new + v_new:
+                maybe_mark_dynamic(t, 2)
         self._k, self._v = k_new, v_new
         self.capacity = capacity
 

@@ -42,7 +42,6 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--window", metavar="SCHEDULE",
                    help="window attention, EXPERIMENTAL: 'default' or per-layer windows like 2kx4,4kx4,8k "
                         "(see README, Long context)")  # fmt: skip
-    _add_compile_arg(p)
 
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
@@ -219,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt, streaming the text")
     p.add_argument("prompt")
     _add_model_args(p)
+    _add_compile_arg(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -267,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat in the terminal, streaming the replies (/help inside)")
     _add_model_args(p)
+    _add_compile_arg(p)
     _add_sampling_args(p)
     p.add_argument("--system", help='the system prompt (default: "You are a helpful assistant.")')
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     _add_model_args(p)
+    _add_compile_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")

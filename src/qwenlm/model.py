@@ -79,7 +79,7 @@ class QwenModel(nn.Module):
         self.drop = nn.Dropout(config.emb_dropout_prob)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_emb_base)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rotary_emb_base, config.max_position_embeddings)
         self.ntk, self.logn = position_policies(config.seq_length, config.use_dynamic_ntk, config.use_logn_attn)
         self.windows: WindowSchedule | None = None
 
@@ -171,7 +171,9 @@ class QwenForCausalLM(nn.Module):
         return self.transformer.wte.weight.dtype
 
     def new_cache(self, capacity: int = 0) -> KVCache:
-        return KVCache(self.config.num_hidden_layers, capacity)
+        cache = KVCache(self.config.num_hidden_layers, capacity)
+        cache.dynamic = self.decode_compiled  # a new capacity must not recompile the compiled step
+        return cache
 
     def forward(
         self,

@@ -13,9 +13,12 @@ import torch
 class RotaryEmbedding:
     """cos/sin tables for the first ``dim`` features of each head; one table per NTK alpha."""
 
-    def __init__(self, dim: int, base: float) -> None:
+    def __init__(self, dim: int, base: float, min_positions: int = 0) -> None:
         self.dim = dim
         self.base = base
+        # one table for every position up to the model's limit: it then never grows during decoding,
+        # which also keeps a compiled decoding step from recompiling for a longer table
+        self.min_positions = min_positions
         self._tables: dict[tuple[float, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def inv_freq(self, alpha: float = 1.0, device: torch.device | None = None) -> torch.Tensor:
@@ -27,7 +30,7 @@ class RotaryEmbedding:
         key = (alpha, device)
         cached = self._tables.get(key)
         if cached is None or cached[0].shape[0] < end:
-            n = max(2 * end, 16)  # grow geometrically: decoding never rebuilds the table per step
+            n = max(2 * end, 16, self.min_positions)  # beyond the limit, grow geometrically
             inv_freq = self.inv_freq(alpha, device)
             angles = torch.outer(torch.arange(n, device=device).float(), inv_freq)
             emb = torch.cat((angles, angles), dim=-1)  # (n, d)

@@ -1,9 +1,10 @@
 """Perplexity of the demo model at each precision (quality next to speed for weight-only quantisation).
 
-    python benchmarks/quant_quality.py --data FILES [--length 1024] [--budget 8192]
+    python benchmarks/quant_quality.py --data FILES [--length 1024] [--budget 8192] [--per-kind]
 
 Same samples for every precision: the documents concatenated (joined with <|endoftext|>), cut into
-``--length``-token samples, ``--budget`` tokens in all.
+``--length``-token samples, ``--budget`` tokens in all. ``--per-kind`` then quantises one kind of linear
+layer at a time to int4 (the rest bf16), to show where the int4 loss comes from.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import copy
 import math
 import time
 
+import torch
+
 from qwenlm.bench import with_precision
 from qwenlm.checkpoint import load_model, load_tokenizer
 from qwenlm.demo import demo_model_path
 from qwenlm.eval.perplexity import make_samples, perplexity, read_documents, tokenize_documents
+from qwenlm.quant import Quantizer, gguf_grids
 
 
 def main() -> None:
@@ -24,6 +28,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", required=True)
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--budget", type=int, default=8192)
+    ap.add_argument("--per-kind", action="store_true", help="also int4 for one kind of layer at a time")
     args = ap.parse_args()
     path = demo_model_path(progress_bar=False)
     tok = load_tokenizer(path)
@@ -46,6 +51,17 @@ def main() -> None:
         )
         del model
     assert all(math.isfinite(v) for v in ppl.values())
+    if args.per_kind:
+        grids = gguf_grids(path, 4)
+        print(f"{'int4 only for':16s} {'perplexity':>10s} {'vs bf16':>8s}")
+        for kind in ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj", "lm_head"):
+            model = copy.deepcopy(base).to(torch.bfloat16)
+            q = Quantizer(model, 4, grids=grids)
+            for layer in [name for name in q.pending if name.endswith(kind)]:
+                q.swap(layer)
+            p = perplexity(model, samples)
+            print(f"{kind:16s} {p:10.4f} {(p / ppl['bf16'] - 1) * 100:+7.2f}%")
+            del model
 
 
 if __name__ == "__main__":

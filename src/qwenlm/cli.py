@@ -47,7 +47,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step with torch.compile (the first tokens wait for the compiler, "
-                        "about 1.5 min for the demo model on 2 CPU cores; see benchmarks/RESULTS.md)")  # fmt: skip
+                        "about 2 min for the demo model on 2 CPU cores; see benchmarks/RESULTS.md)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -213,7 +213,7 @@ class QwenForCausalLM(nn.Module):
     def compile_decode(self, enabled: bool = True) -> QwenForCausalLM:
         """Run ``decode_step`` through ``torch.compile`` (inductor; dynamic shapes, so a growing cache and
         attention mask do not recompile), or back in eager mode with ``enabled=False``. The first compiled
-        steps pay the compilation (about a minute and a half for the demo model on 2 CPU cores); measure with
+        steps pay the compilation (about two minutes for the demo model on 2 CPU cores); measure with
         ``qwenlm bench --compile`` whether the faster steps repay it for your lengths."""
         self._compiled_decode = torch.compile(self._decode, dynamic=True) if enabled else None
         return self

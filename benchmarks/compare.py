@@ -34,7 +34,7 @@ def child_qwenlm(variant: str, args) -> dict:
     t = time.perf_counter()
     model = load_at_precision(path, precision)
     if flag == "compile":
-        model.compile_decode()
+        model.compile_inference()
     load_s = time.perf_counter() - t
     r = run_bench(model, prompt_tokens=args.prompt, new_tokens=args.new, runs=args.runs)
     r8 = run_bench(model, prompt_tokens=64, new_tokens=args.batch8_new, batch=8, runs=args.runs)

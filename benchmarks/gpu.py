@@ -105,7 +105,7 @@ def main() -> None:
             if precision in ("int8", "int4"):
                 quantize(model, 8 if precision == "int8" else 4)
             if flag == "compile":
-                model.compile_decode()
+                model.compile_inference()
             r = run_bench(model, prompt_tokens=args.prompt, new_tokens=args.new, runs=args.runs)
             read = weight_bytes(model, "wte")
         r.update(setup_s=time.perf_counter() - t, bytes_per_token=read, gb_s=read * r["decode_tok_s"] / 1e9)

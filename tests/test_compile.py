@@ -1,4 +1,4 @@
-"""The decoding step through ``torch.compile`` gives the tokens and logits of eager mode, and can be switched off."""
+"""Prefill and decoding through ``torch.compile`` give the tokens and logits of eager mode, and can be switched off."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ def model():
 
 
 def _decode_logits(model, ids, mask, steps):
-    """Prefill ``ids`` then feed the greedy token ``steps`` times; the logits of every decode step."""
-    out = []
+    """Prefill ``ids`` then feed the greedy token ``steps`` times; the last prefill and every decode logits."""
     with torch.inference_mode():
         cache = model.new_cache()
         logits = model(ids, mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        out = [logits]
         for _ in range(steps):
             tok = logits.argmax(-1, keepdim=True)
             if mask is not None:
@@ -38,21 +38,21 @@ def test_compiled_decode_matches_eager(model, precision):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row: the growing mask goes through the compiled step too
     eager = _decode_logits(m, ids, mask, 12)
-    m.compile_decode()
-    assert m.decode_compiled
+    m.compile_inference()
+    assert m.compiled
     compiled = _decode_logits(m, ids, mask, 12)
     torch.testing.assert_close(compiled, eager, atol=2e-4 if precision == "fp32" else 2e-2, rtol=1e-4)
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
     single = m.generate(ids[:1], max_new_tokens=10, do_sample=False, eos_token_id=None)
-    m.compile_decode(False)
-    assert not m.decode_compiled
+    m.compile_inference(False)
+    assert not m.compiled
     assert torch.equal(single, m.generate(ids[:1], max_new_tokens=10, do_sample=False, eos_token_id=None))
 
 
 def test_a_copy_of_a_compiled_model_decodes_eagerly_with_its_own_weights(model):
-    m = copy.deepcopy(model).compile_decode()
+    m = copy.deepcopy(model).compile_inference()
     clone = copy.deepcopy(m)
-    assert m.decode_compiled and not clone.decode_compiled
+    assert m.compiled and not clone.compiled
     with torch.no_grad():
         clone.lm_head.weight.zero_()
     cache = clone.new_cache()
@@ -65,7 +65,7 @@ def test_new_lengths_and_capacities_do_not_recompile():
     import torch._dynamo
 
     # head_dim 16 and a first rotary table of 16 rows: sizes that torch.compile would tie together
-    m = random_model(tiny_config(hidden_size=64, kv_channels=16), seed=4).compile_decode()
+    m = random_model(tiny_config(hidden_size=64, kv_channels=16), seed=4).compile_inference()
     ids = torch.randint(0, 151643, (1, 40), generator=torch.Generator().manual_seed(1))
     try:
         with torch.inference_mode():

@@ -88,7 +88,7 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
     ids = torch.randint(0, min(model.config.vocab_size, 151643), (batch, prompt_tokens), generator=g)
     ids = ids.to(model.device)
     t = time.perf_counter()
-    _one_run(model, ids[:, : min(prompt_tokens, 32)], 4)  # warm-up (and compilation, with compile_decode)
+    _one_run(model, ids[:, : min(prompt_tokens, 32)], 4)  # warm-up (and compilation, with compile_inference)
     warmup_s = time.perf_counter() - t
     results = [_one_run(model, ids, new_tokens) for _ in range(runs)]
     prefill = statistics.median(r[0] for r in results)
@@ -99,7 +99,7 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
         "ttft_s": statistics.median(r[2] for r in results),
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
-        "compiled": bool(getattr(model, "decode_compiled", False)),
+        "compiled": bool(getattr(model, "compiled", False)),
         "warmup_s": warmup_s,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
@@ -115,7 +115,7 @@ def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "c
     t = time.perf_counter()
     model = load_at_precision(path, precision, device)
     if compile:
-        model.compile_decode()
+        model.compile_inference()
     load_s = time.perf_counter() - t
     out = run_bench(model, **kwargs)
     weight_bytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))

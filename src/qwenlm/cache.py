@@ -26,13 +26,15 @@ class KVCache:
     def __len__(self) -> int:
         return self.seq_len
 
-    def _reserve(self, like: torch.Tensor, needed: int) -> None:
+    def reserve(self, batch: int, kv_heads: int, head_dim: int, needed: int, dtype: torch.dtype,
+                device: torch.device) -> None:  # fmt: skip
+        """Make room for ``needed`` columns (allocating or doubling the buffers), keeping what is cached."""
         if self._k and needed <= self._k[0].shape[2]:
             return
         capacity = max(needed, self.capacity, 2 * (self._k[0].shape[2] if self._k else 0), 16)
-        b, h, _, d = like.shape
-        k_new = [like.new_zeros(b, h, capacity, d) for _ in range(self.n_layers)]
-        v_new = [like.new_zeros(b, h, capacity, d) for _ in range(self.n_layers)]
+        k_new = [torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+                 for _ in range(self.n_layers)]  # fmt: skip
+        v_new = [torch.zeros_like(k) for k in k_new]
         for old, new in zip(self._k + self._v, k_new + v_new):
             new[:, :, : self.seq_len] = old[:, :, : self.seq_len]
         if self.dynamic and not torch.compiler.is_compiling():  # (growing inside the compiled step)
@@ -46,7 +48,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``/``v`` (B, kv_heads, T, D) after the cached tokens; return all keys and values."""
         end = self.seq_len + k.shape[2]
-        self._reserve(k, end)
+        self.reserve(k.shape[0], k.shape[1], k.shape[3], end, k.dtype, k.device)
         self._k[layer][:, :, self.seq_len : end] = k
         self._v[layer][:, :, self.seq_len : end] = v
         return self._k[layer][:, :, :end], self._v[layer][:, :, :end]

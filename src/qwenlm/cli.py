@@ -75,7 +75,7 @@ def _load(args: argparse.Namespace):
     model = load_model(path, dtype=args.dtype, device=args.device, ntk=getattr(args, "ntk", None),
                        logn=getattr(args, "logn", None), window=getattr(args, "window", None))  # fmt: skip
     if getattr(args, "compile", False):
-        model.compile_decode()
+        model.compile_inference()
     print(f"qwenlm: loaded {path.name} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)  # fmt: skip
     return model, tokenizer

@@ -83,6 +83,19 @@ class QwenModel(nn.Module):
         self.ntk, self.logn = position_policies(config.seq_length, config.use_dynamic_ntk, config.use_logn_attn)
         self.windows: WindowSchedule | None = None
 
+    def ntk_alphas_for(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
+    ) -> list[float]:
+        """The NTK alphas of a pass (one, or one per row): the cache's when it has them (decoding keeps the
+        prefill's, as the reference does; chunked prefill sets them up front from the whole prompt, see
+        ``generation.prefill``), else from this input's length, then remembered in the cache."""
+        if cache is not None and cache.ntk_alphas is not None:
+            return cache.ntk_alphas
+        alphas = self.ntk.alphas(input_ids.shape[1], attention_mask, self.training)
+        if cache is not None:
+            cache.ntk_alphas = alphas
+        return alphas
+
     def set_long_context(
         self, ntk: bool | None = None, logn: bool | None = None, window: str | WindowSchedule | None = None
     ) -> None:
@@ -104,18 +117,12 @@ class QwenModel(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         attention_mask: torch.Tensor | None = None,  # (B, past + T), 1 = token, 0 = padding
         cache: KVCache | None = None,
+        ntk_alphas: list[float] | None = None,  # from ``ntk_alphas_for`` (precomputed); None = work them out
     ) -> torch.Tensor:
         t = input_ids.shape[1]
         past = cache.seq_len if cache is not None else 0
         kv_len = past + t
-        if cache is not None and cache.ntk_alphas is not None:
-            # decoding keeps the prefill's alphas, as the reference does; chunked prefill sets them up
-            # front from the whole prompt (``generation.prefill``)
-            alphas = cache.ntk_alphas
-        else:
-            alphas = self.ntk.alphas(t, attention_mask, self.training)
-            if cache is not None:
-                cache.ntk_alphas = alphas
+        alphas = ntk_alphas if ntk_alphas is not None else self.ntk_alphas_for(input_ids, attention_mask, cache)
         h = self.drop(self.wte(input_ids))
         logn = self.logn.factors(past, kv_len, self.training)
         if logn is not None:
@@ -152,7 +159,7 @@ class QwenForCausalLM(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.generation_config: GenerationConfig | None = None
         self.tokenizer = None  # set by from_pretrained when the checkpoint carries one
-        self._compiled_decode: Any = None  # set by compile_decode()
+        self._compiled: dict[str, Any] | None = None  # set by compile_inference()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto", **kwargs: Any):
@@ -172,7 +179,7 @@ class QwenForCausalLM(nn.Module):
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         cache = KVCache(self.config.num_hidden_layers, capacity)
-        cache.dynamic = self.decode_compiled  # a new capacity must not recompile the compiled step
+        cache.dynamic = self.compiled  # a new capacity must not recompile the compiled passes
         return cache
 
     def forward(
@@ -190,7 +197,14 @@ class QwenForCausalLM(nn.Module):
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache()
-        h = self.transformer(input_ids, attention_mask, cache)
+        if self._compiled is not None and not torch.is_grad_enabled():
+            # worked out here: values chosen inside the compiled pass would make it recompile for new ones
+            if cache is not None:
+                self._reserve(cache, input_ids)
+            alphas = self.transformer.ntk_alphas_for(input_ids, attention_mask, cache)
+            h = self._compiled["prefill"](input_ids, attention_mask, cache, alphas)
+        else:
+            h = self.transformer(input_ids, attention_mask, cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
@@ -202,32 +216,46 @@ class QwenForCausalLM(nn.Module):
 
     def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Next-token logits (B, vocab) after feeding ``input_ids`` (B, 1) on top of ``cache``: the decoding
-        hot path (no id check: the ids come from the model's own sampling). Compiled after ``compile_decode``."""
-        if self._compiled_decode is not None:
-            return self._compiled_decode(input_ids, attention_mask, cache)
+        hot path (no id check: the ids come from the model's own sampling). Compiled after ``compile_inference``."""
+        if self._compiled is not None:
+            self._reserve(cache, input_ids)
+            return self._compiled["decode"](input_ids, attention_mask, cache)
         return self._decode(input_ids, attention_mask, cache)
 
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         return self.lm_head(self.transformer(input_ids, attention_mask, cache)[:, -1])
 
-    def compile_decode(self, enabled: bool = True) -> QwenForCausalLM:
-        """Run ``decode_step`` through ``torch.compile`` (inductor; dynamic shapes, so a growing cache and
-        attention mask do not recompile), or back in eager mode with ``enabled=False``. The first compiled
-        steps pay the compilation (about two minutes for the demo model on 2 CPU cores); measure with
-        ``qwenlm bench --compile`` whether the faster steps repay it for your lengths."""
-        self._compiled_decode = torch.compile(self._decode, dynamic=True) if enabled else None
+    def _reserve(self, cache: KVCache, input_ids: torch.Tensor) -> None:
+        c = self.config
+        cache.reserve(input_ids.shape[0], c.n_kv_heads, c.head_dim, cache.seq_len + input_ids.shape[1], self.dtype,
+                      self.device)  # fmt: skip
+
+    def compile_inference(self, enabled: bool = True) -> QwenForCausalLM:
+        """Run inference through ``torch.compile`` (inductor, dynamic shapes): the decoder stack of every
+        ``forward`` without gradients (prefill, scoring) and the one-token ``decode_step``. New prompt lengths,
+        cache capacities and a growing attention mask do not recompile; a new batch size does. The first passes
+        pay the compilation (about two minutes each for prefill and decoding of the demo model on 2 CPU cores);
+        ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again."""
+        if enabled:
+            # the rotary table exists before the first compiled pass, which would otherwise build it and so
+            # be compiled for a state that the next pass no longer sees
+            self.transformer.rotary.cos_sin(0, 1, [1.0], self.device)
+            self._compiled = {"prefill": torch.compile(self.transformer.forward, dynamic=True),
+                              "decode": torch.compile(self._decode, dynamic=True)}  # fmt: skip
+        else:
+            self._compiled = None
         return self
 
     @property
-    def decode_compiled(self) -> bool:
-        return self._compiled_decode is not None
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QwenForCausalLM:
-        # a compiled step is bound to this model: the copy starts in eager mode (compile it again if wanted)
+        # compiled passes are bound to this model: the copy starts in eager mode (compile it again if wanted)
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for key, value in self.__dict__.items():
-            clone.__dict__[key] = None if key == "_compiled_decode" else copy.deepcopy(value, memo)
+            clone.__dict__[key] = None if key == "_compiled" else copy.deepcopy(value, memo)
         return clone
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

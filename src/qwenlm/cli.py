@@ -46,8 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="compile the decoding step with torch.compile (the first tokens wait for the compiler, "
-                        "about 2 min for the demo model on 2 CPU cores; see benchmarks/RESULTS.md)")  # fmt: skip
+                   help="compile prefill and decoding with torch.compile (the first tokens wait for the compiler, "
+                        "minutes for the demo model on 2 CPU cores; see benchmarks/RESULTS.md)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

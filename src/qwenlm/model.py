@@ -232,8 +232,9 @@ class QwenForCausalLM(nn.Module):
 
     def compile_inference(self, enabled: bool = True) -> QwenForCausalLM:
         """Run inference through ``torch.compile`` (inductor, dynamic shapes): the decoder stack of every
-        ``forward`` without gradients (prefill, scoring) and the one-token ``decode_step``. New prompt lengths,
-        cache capacities and a growing attention mask do not recompile; a new batch size does. The first passes
+        ``forward`` without gradients (prefill, scoring) and the one-token ``decode_step``. New cache capacities
+        and a growing attention mask do not recompile; a new batch size does, and the first new prompt length
+        may recompile the prefill once (dynamo's shape specialisation). The first passes
         pay the compilation (about two minutes each for prefill and decoding of the demo model on 2 CPU cores);
         ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again."""
         if enabled:

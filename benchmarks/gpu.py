@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
@@ -48,27 +47,6 @@ def weight_bytes(model: torch.nn.Module, skip: str) -> int:
     return sum(t.numel() * t.element_size() for n, t in tensors if skip not in n)
 
 
-def time_hf(model, ids, new: int, runs: int) -> dict:
-    def once():
-        with torch.inference_mode():
-            torch.cuda.synchronize() if ids.is_cuda else None
-            t0 = time.perf_counter()
-            out = model(ids, use_cache=True, logits_to_keep=1)
-            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize() if ids.is_cuda else None
-            t1 = time.perf_counter()
-            for _ in range(new - 1):
-                out = model(tok, past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize() if ids.is_cuda else None
-            return t1 - t0, time.perf_counter() - t1
-
-    once()
-    results = [once() for _ in range(runs)]
-    pre, dec = statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
-    return {"prefill_tok_s": ids.shape[1] / pre, "decode_tok_s": (new - 1) / dec, "ttft_s": pre}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -92,13 +70,14 @@ def main() -> None:
         precision, _, flag = variant.partition("+")
         t = time.perf_counter()
         if precision == "hf":
-            from layer_stack import to_hf
+            from layer_stack import median_runs, time_hf, to_hf
 
             base = random_model(config, "cpu")
             model = to_hf(base, torch.bfloat16).to(args.device)
             del base
             ids = torch.randint(0, 151643, (1, args.prompt), device=args.device)
-            r = time_hf(model, ids, args.new, args.runs)
+            pre, dec = median_runs(time_hf, model, ids, args.new - 1, runs=args.runs)
+            r = {"prefill_tok_s": args.prompt / pre, "decode_tok_s": (args.new - 1) / dec, "ttft_s": pre}
             read = weight_bytes(model, "embed_tokens")
         else:
             model = random_model(config, args.device)

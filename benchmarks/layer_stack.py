@@ -16,6 +16,7 @@ import time
 import torch
 
 from qwenlm import QwenConfig, QwenForCausalLM
+from qwenlm.bench import sync_device
 
 
 def to_hf(model: QwenForCausalLM, dtype: torch.dtype):
@@ -45,14 +46,18 @@ def time_ours(model, ids, new):
 
 
 def time_hf(hf, ids, new):
+    """Prefill ``ids`` and greedy-decode ``new`` tokens with HF's own cache: (prefill s, decode s)."""
     with torch.inference_mode():
+        sync_device(ids.device)
         t0 = time.perf_counter()
         out = hf(ids, use_cache=True, logits_to_keep=1)
-        t1 = time.perf_counter()
         past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        sync_device(ids.device)
+        t1 = time.perf_counter()
         for _ in range(new):
             out = hf(tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        sync_device(ids.device)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

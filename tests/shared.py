@@ -1,4 +1,5 @@
-"""The one way tests reach ``../shared`` (fixtures, the Qwen-7B vocabulary): skip with a reason if absent."""
+"""The one way tests reach ``../shared`` (fixtures, the Qwen-7B vocabulary) and the demo model: skip with a reason
+if absent."""
 
 from __future__ import annotations
 
@@ -20,3 +21,13 @@ def shared_path(*parts: str) -> Path:
 
 def fixtures(*parts: str) -> Path:
     return shared_path("fixtures", *parts)
+
+
+def demo_model_or_skip() -> Path:
+    """The demo GGUF (assembled from its PyPI parts on first use), or skip saying how to install it."""
+    from qwenlm.demo import DemoNotInstalledError, demo_model_path
+
+    try:
+        return demo_model_path(progress_bar=False)
+    except DemoNotInstalledError as e:
+        pytest.skip(str(e))

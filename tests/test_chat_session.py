@@ -23,7 +23,7 @@ from qwenlm.checkpoint import load_model, load_tokenizer
 from qwenlm.generation import GenerationConfig
 from qwenlm.tokenizer import QwenTokenizer
 from tests.builders import tiny_checkpoint
-from tests.shared import shared_path
+from tests.shared import demo_model_or_skip, shared_path
 from tests.test_chat_format import QWEN25_TEMPLATE, QWEN_SYSTEM
 
 
@@ -214,12 +214,8 @@ def test_chatml_block_builder_is_shared(tok):
 
 @pytest.mark.slow
 def test_demo_model_chats_with_its_own_template():
-    from qwenlm.demo import DemoNotInstalledError, demo_model_path
 
-    try:
-        path = demo_model_path(progress_bar=False)
-    except DemoNotInstalledError as e:
-        pytest.skip(str(e))
+    path = demo_model_or_skip()
     model, tokenizer = load_model(path), load_tokenizer(path)
     assert "<|im_start|>" in tokenizer.chat_template
     _, history = model.chat(tokenizer, "My name is Ada. Please remember it.", max_new_tokens=40)

@@ -13,7 +13,7 @@ from qwenlm.convert import convert
 from qwenlm.gguf import read_gguf
 from qwenlm.hf_tokenizer import load_hf_tokenizer
 from qwenlm.tokenizer import QwenTokenizer, load_tiktoken_bpe
-from tests.shared import shared_path
+from tests.shared import demo_model_or_skip, shared_path
 from tests.tiny_gguf import TinySpec, write_tiny_gguf
 
 
@@ -172,12 +172,8 @@ def test_transformers_loads_the_qwen2_folder(gqa_gguf, tmp_path):
 def test_real_model_converts_and_matches_reference_logits(tmp_path):
     """End to end: demo GGUF -> HF folder -> transformers fp32 reproduces reference.json's hf_fp32 logits."""
     transformers = pytest.importorskip("transformers")
-    from qwenlm.demo import DemoNotInstalledError, demo_model_path
 
-    try:
-        path = demo_model_path(progress_bar=False)
-    except DemoNotInstalledError as e:
-        pytest.skip(str(e))
+    path = demo_model_or_skip()
     reference = json.loads(shared_path("real-model", "reference.json").read_text(encoding="utf-8"))
     out = convert(path, tmp_path / "hf", progress_bar=False)
     assert (out / "model.safetensors.index.json").is_file()  # 2.5 GB of fp32 is sharded

@@ -11,7 +11,7 @@ import torch
 from qwenlm.config import QwenConfig
 from qwenlm.gguf import read_gguf, read_gguf_tokenizer, supported_types
 from qwenlm.tokenizer import PAT_STR, QwenTokenizer, load_tiktoken_bpe
-from tests.shared import shared_path
+from tests.shared import demo_model_or_skip, shared_path
 from tests.tiny_gguf import CHAT_TEMPLATE, N_REGULAR, SPECIALS, Q, TinySpec, gguf, hf_name, tiny_ranks, write_tiny_gguf
 
 TEXTS = [
@@ -209,12 +209,8 @@ def test_merges_out_of_rank_order_are_refused(tmp_path):
 # -- the real model -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_path():
-    from qwenlm.demo import DemoNotInstalledError, demo_model_path
 
-    try:
-        return demo_model_path(progress_bar=False)
-    except DemoNotInstalledError as e:
-        pytest.skip(str(e))
+    return demo_model_or_skip()
 
 
 @pytest.mark.slow

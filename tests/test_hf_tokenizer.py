@@ -9,7 +9,7 @@ import pytest
 from qwenlm.byte_level import derive_merges, token_to_text
 from qwenlm.hf_tokenizer import load_hf_tokenizer, save_hf_tokenizer
 from qwenlm.tokenizer import PAT_STR, QwenTokenizer, load_tiktoken_bpe
-from tests.shared import shared_path
+from tests.shared import demo_model_or_skip, shared_path
 from tests.tiny_gguf import SPECIALS, tiny_ranks
 
 CORPUS = [
@@ -138,13 +138,9 @@ def test_transformers_loads_the_written_files(tmp_path):
 # -- the real vocabulary ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_vocabulary_round_trip_and_transformers(tmp_path):
-    from qwenlm.demo import DemoNotInstalledError, demo_model_path
     from qwenlm.gguf import open_gguf, read_gguf_tokenizer
 
-    try:
-        path = demo_model_path(progress_bar=False)
-    except DemoNotInstalledError as e:
-        pytest.skip(str(e))
+    path = demo_model_or_skip()
     tok = read_gguf_tokenizer(path)
     template = open_gguf(path).fields["tokenizer.chat_template"].contents()
     save_hf_tokenizer(tok, tmp_path, chat_template=template)

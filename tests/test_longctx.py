@@ -19,7 +19,7 @@ from qwenlm.eval.perplexity import read_documents
 from qwenlm.generation.prefill import prefill, prefill_chunks
 from qwenlm.longctx import DynamicNTK, PlainRoPE, WindowSchedule, ntk_alpha
 from qwenlm.rope import apply_rotary
-from tests.shared import fixtures, shared_path
+from tests.shared import demo_model_or_skip, fixtures, shared_path
 
 ATOL = RTOL = 1e-4
 
@@ -356,12 +356,8 @@ def test_cached_chunk_sees_new_tokens_causally(tiny_long):
 def test_demo_model_chunked_prefill_with_all_policies():
     """The real Qwen2-family demo (GQA, tied embeddings), NTK + LogN measured against a 512-token training
     length and windows in the lower layers: chunked prefill equals one call."""
-    from qwenlm.demo import DemoNotInstalledError, demo_model_path
 
-    try:
-        path = demo_model_path(progress_bar=False)
-    except DemoNotInstalledError as e:
-        pytest.skip(str(e))
+    path = demo_model_or_skip()
     model = QwenForCausalLM.from_pretrained(path, dtype="float32", device="cpu")
     model.config.seq_length = 512
     model.transformer.set_long_context(ntk=True, logn=True, window="256x4,1024x4,full")

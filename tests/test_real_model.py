@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.shared import shared_path
+from tests.shared import demo_model_or_skip, shared_path
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,8 @@ def reference() -> dict:
 def demo():
     from qwenlm import QwenForCausalLM
     from qwenlm.checkpoint import load_tokenizer
-    from qwenlm.demo import DemoNotInstalledError, demo_model_path
 
-    try:
-        path = demo_model_path(progress_bar=False)
-    except DemoNotInstalledError as e:
-        pytest.skip(str(e))
+    path = demo_model_or_skip()
     return QwenForCausalLM.from_pretrained(path, dtype="float32", device="cpu"), load_tokenizer(path)
 
 

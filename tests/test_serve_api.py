@@ -13,6 +13,7 @@ from qwenlm.chat.session import chatml_tokens, stream_reply
 from qwenlm.checkpoint import load_model, load_tokenizer
 from tests.builders import tiny_checkpoint
 from tests.serving import running_server
+from tests.shared import demo_model_or_skip
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -282,12 +283,8 @@ def test_non_streaming_client_that_times_out_frees_its_slot(small_server):
 # -- the real model -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_demo_model_answers_sensibly():
-    from qwenlm.demo import DemoNotInstalledError, demo_model_path
 
-    try:
-        path = demo_model_path(progress_bar=False)
-    except DemoNotInstalledError as e:
-        pytest.skip(str(e))
+    path = demo_model_or_skip()
     with running_server(path) as (base, _):
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
         reply = client.chat.completions.create(

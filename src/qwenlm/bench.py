@@ -30,51 +30,58 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def with_precision(model: QwenForCausalLM, precision: str, source: str | Path | None = None) -> QwenForCausalLM:
-    """The model at ``precision`` (``auto``: int8 weights on CPU, bf16 on GPU). ``source``: the checkpoint
-    the model came from; a GGUF file's 4-bit tensors then become int4 layers without a second rounding."""
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """Check ``precision``; ``auto`` becomes int8 weights on CPU, bf16 on GPU."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        precision = "int8" if model.device.type == "cpu" else "bf16"
+        return "int8" if torch.device(device).type == "cpu" else "bf16"
+    return precision
+
+
+def with_precision(model: QwenForCausalLM, precision: str, source: str | Path | None = None) -> QwenForCausalLM:
+    """The model at ``precision`` (see ``resolve_precision``). ``source``: the checkpoint the model came
+    from; a GGUF file's 4-bit tensors then become int4 layers without a second rounding."""
+    precision = resolve_precision(precision, model.device)
     if precision == "fp32":
         return model.float()
     if precision == "bf16":
         return model.to(torch.bfloat16)
     from .quant import gguf_grids, quantize
 
-    bits = 8 if precision == "int8" else 4
+    bits = QUANT_BITS[precision]
     return quantize(model, bits, grids=gguf_grids(source, bits) if source is not None else None)
 
 
 def load_at_precision(path: str | Path, precision: str, device: str = "cpu") -> QwenForCausalLM:
     """Load ``path`` at ``precision``; int8/int4 are quantised while loading (peak memory ~ quantised size)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        precision = "int8" if torch.device(device).type == "cpu" else "bf16"
-    if precision in ("int8", "int4"):
-        return load_model(path, dtype="float32", device=device, quantize=8 if precision == "int8" else 4)
+    precision = resolve_precision(precision, device)
+    if precision in QUANT_BITS:
+        return load_model(path, dtype="float32", device=device, quantize=QUANT_BITS[precision])
     return with_precision(load_model(path, dtype="float32", device=device), precision)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously) before reading the clock."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+        torch.cuda.synchronize(device)
 
 
 def _one_run(model: QwenForCausalLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, float]:
     with torch.inference_mode():
         cache = model.new_cache(ids.shape[1] + new_tokens)
-        _sync(ids.device)
+        sync_device(ids.device)
         t0 = time.perf_counter()
         logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)
-        _sync(ids.device)
+        sync_device(ids.device)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             tok = model.decode_step(tok, None, cache).argmax(-1, keepdim=True)
-        _sync(ids.device)
+        sync_device(ids.device)
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1, t1 - t0
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .quant.linear import pack_int4
+
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
@@ -79,9 +81,8 @@ def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4G
     else:
         codes, scale, zero = _q4_0_or_1(blocks, with_min=type_name == "Q4_1")
     groups = in_f // 32
-    codes = codes.astype(np.uint8).reshape(out_f, in_f)
     return Int4Grid(
-        torch.from_numpy(codes[:, ::2] | (codes[:, 1::2] << 4)),
+        pack_int4(torch.from_numpy(codes.astype(np.uint8).reshape(out_f, in_f))),
         torch.from_numpy(scale.reshape(out_f, groups).astype(np.float32)),
         torch.from_numpy(zero.reshape(out_f, groups).astype(np.float32)),
     )

@@ -93,17 +93,14 @@ def gguf_grids(path: str | Path, bits: int, group_size: int = 32) -> dict[str, A
 
 def quantized_structure(model: nn.Module, bits: int, group_size: int = 32) -> nn.Module:
     """Swap in empty quantised linears (same device as the model, e.g. meta) to load saved weights into."""
-    _check(bits)
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    for parent, name, linear, _ in _targets(model):
-        if tied and name == "lm_head":
-            continue
-        bias = linear.bias is not None
-        device = linear.weight.device
+    q = Quantizer(model, bits, group_size)
+    for layer in list(q.pending):
+        parent, name = q.pending.pop(layer)
+        linear = getattr(parent, name)
+        bias, device = linear.bias is not None, linear.weight.device
         if bits == 8:
-            q = Int8Linear(linear.in_features, linear.out_features, bias, device=device)
+            empty = Int8Linear(linear.in_features, linear.out_features, bias, device=device)
         else:
-            q = Int4Linear(linear.in_features, linear.out_features, bias, group_size, device=device)
-        setattr(parent, name, q)
-    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None}
+            empty = Int4Linear(linear.in_features, linear.out_features, bias, group_size, device=device)
+        setattr(parent, name, empty)
     return model

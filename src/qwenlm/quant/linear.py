@@ -23,6 +23,12 @@ ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # 4-bit fitting works on this many weights at
 SCALE_STEPS = tuple(x / 5 for x in range(-5, 6))  # offsets to the 15 steps of a group's range that are tried
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(n, k) codes in 0..15 -> (n, k/2) bytes: weight 2i in the low nibble, 2i + 1 in the high one (the
+    layout ``Int4Linear.qweight`` saves)."""
+    return codes[:, ::2] | (codes[:, 1::2] << 4)
+
+
 def fit_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """4-bit codes for ``w`` (n, k) in groups of ``group_size`` along k, each group ~ ``(q - 8) * scale + zero``.
 
@@ -122,7 +128,7 @@ class Int4Linear(nn.Module):
         rows = max(1, ROWS_PER_CHUNK_ELEMENTS // k)
         for r in range(0, n, rows):
             q, scale, zero = fit_int4_groups(w[r : r + rows], group_size)
-            out.qweight[r : r + rows] = q[:, ::2] | (q[:, 1::2] << 4)
+            out.qweight[r : r + rows] = pack_int4(q)
             out.scales_and_zeros[:, r : r + rows] = torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE)
         if linear.bias is not None:
             out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

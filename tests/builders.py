@@ -61,3 +61,22 @@ def write_checkpoint(model: QwenForCausalLM, folder: Path, shards: int = 1, toke
 
 def tiny_checkpoint(folder: Path, shards: int = 1, **config) -> Path:
     return write_checkpoint(random_model(tiny_config(**config)), folder, shards=shards)
+
+
+def teacher_forced(model: QwenForCausalLM, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
+                   step=None) -> torch.Tensor:  # fmt: skip
+    """Prefill ``ids`` then feed ``tokens`` (B, n) one at a time through ``step`` (default the model's
+    ``decode_step``): the logits (B, n + 1, V) in fp32. Every model gets the same tokens, so that a near-tie
+    decided differently in bf16 does not send two models down different paths."""
+    step = step or model.decode_step
+    with torch.inference_mode():
+        cache = model.new_cache(ids.shape[1] + tokens.shape[1])
+        out = [model(ids, mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]]
+        for i in range(tokens.shape[1]):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out.append(step(tokens[:, i : i + 1], mask, cache))
+    return torch.stack(out, 1).float()
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((actual - reference).norm() / reference.norm())

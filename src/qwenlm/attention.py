@@ -88,13 +88,8 @@ class Attention(nn.Module):
         cache: KVCache | None,
         window: int | None = None,  # this layer's window (experimental), None = full attention
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.split, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, D)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        t = x.shape[1]
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if logn is not None:
@@ -108,8 +103,23 @@ class Attention(nn.Module):
             )
         else:
             y = windowed_attention(q, k, v, mask, window, dropout, gqa)
-        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.c_proj(y)
+        return self.output(y)
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, KVH, T, D) of ``x``, rotary applied to q and k."""
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.split, dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """The output projection of the attention result ``y`` (B, H, T, D)."""
+        b, _, t, _ = y.shape
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
 def windowed_attention(

@@ -70,9 +70,11 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _one_run(model: QwenForCausalLM, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, float]:
+def _one_run(
+    model: QwenForCausalLM, ids: torch.Tensor, new_tokens: int, capacity: int = 0
+) -> tuple[float, float, float]:
     with torch.inference_mode():
-        cache = model.new_cache(ids.shape[1] + new_tokens)
+        cache = model.new_cache(max(capacity, ids.shape[1] + new_tokens))
         sync_device(ids.device)
         t0 = time.perf_counter()
         logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
@@ -95,7 +97,9 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
     ids = torch.randint(0, min(model.config.vocab_size, 151643), (batch, prompt_tokens), generator=g)
     ids = ids.to(model.device)
     t = time.perf_counter()
-    _one_run(model, ids[:, : min(prompt_tokens, 32)], 4)  # warm-up (and compilation, with compile_inference)
+    # warm-up (and compilation, with compile_inference) on a cache of the timed runs' size: CUDA-graph
+    # decoding records one graph per cache capacity
+    _one_run(model, ids[:, : min(prompt_tokens, 32)], 4, capacity=prompt_tokens + new_tokens)
     warmup_s = time.perf_counter() - t
     results = [_one_run(model, ids, new_tokens) for _ in range(runs)]
     prefill = statistics.median(r[0] for r in results)

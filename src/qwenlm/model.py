@@ -19,6 +19,7 @@ from torch import nn
 from .attention import Attention, AttentionMask
 from .cache import KVCache
 from .config import QwenConfig
+from .generation.graphs import GraphDecoder
 from .longctx import DynamicNTK, LogNScaling, NoLogN, PlainRoPE, WindowSchedule, position_policies, window_schedule
 from .rope import RotaryEmbedding
 
@@ -160,6 +161,7 @@ class QwenForCausalLM(nn.Module):
         self.generation_config: GenerationConfig | None = None
         self.tokenizer = None  # set by from_pretrained when the checkpoint carries one
         self._compiled: dict[str, Any] | None = None  # set by compile_inference()
+        self._graphs: GraphDecoder | None = None  # set by use_cuda_graphs() / compile_inference() on CUDA
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto", **kwargs: Any):
@@ -216,8 +218,11 @@ class QwenForCausalLM(nn.Module):
 
     def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Next-token logits (B, vocab) after feeding ``input_ids`` (B, 1) on top of ``cache``: the decoding
-        hot path (no id check: the ids come from the model's own sampling). Compiled after ``compile_inference``."""
-        if self._compiled is not None:
+        hot path (no id check: the ids come from the model's own sampling). Compiled after ``compile_inference``,
+        replayed from CUDA graphs after ``use_cuda_graphs``."""
+        if self._graphs is not None and self._graphs.supports(cache):
+            return self._graphs.step(input_ids, attention_mask, cache)
+        if self._compiled is not None and "decode" in self._compiled:
             self._reserve(cache, input_ids)
             return self._compiled["decode"](input_ids, attention_mask, cache)
         return self._decode(input_ids, attention_mask, cache)
@@ -231,20 +236,33 @@ class QwenForCausalLM(nn.Module):
                       self.device)  # fmt: skip
 
     def compile_inference(self, enabled: bool = True) -> QwenForCausalLM:
-        """Run inference through ``torch.compile`` (inductor, dynamic shapes): the decoder stack of every
-        ``forward`` without gradients (prefill, scoring) and the one-token ``decode_step``. New cache capacities
-        and a growing attention mask do not recompile; a new batch size does, and the first new prompt length
-        may recompile the prefill once (dynamo's shape specialisation). The first passes
+        """Run inference through ``torch.compile`` (inductor): the decoder stack of every ``forward`` without
+        gradients (prefill, scoring; dynamic shapes) and the one-token ``decode_step`` (on CPU with dynamic
+        shapes; on CUDA with static shapes, recorded in CUDA graphs, see ``use_cuda_graphs``). New cache
+        capacities and a growing attention mask do not recompile on CPU; a new batch size does, and the first
+        new prompt length may recompile the prefill once (dynamo's shape specialisation). The first passes
         pay the compilation (about two minutes each for prefill and decoding of the demo model on 2 CPU cores);
-        ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again."""
+        ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again.
+        Call it after moving the model to its device."""
         if enabled:
             # the rotary table exists before the first compiled pass, which would otherwise build it and so
             # be compiled for a state that the next pass no longer sees
             self.transformer.rotary.cos_sin(0, 1, [1.0], self.device)
-            self._compiled = {"prefill": torch.compile(self.transformer.forward, dynamic=True),
-                              "decode": torch.compile(self._decode, dynamic=True)}  # fmt: skip
+            self._compiled = {"prefill": torch.compile(self.transformer.forward, dynamic=True)}
+            if self.device.type == "cuda":
+                self._graphs = GraphDecoder(self, compile=True)
+            else:
+                self._compiled["decode"] = torch.compile(self._decode, dynamic=True)
         else:
-            self._compiled = None
+            self._compiled = self._graphs = None
+        return self
+
+    def use_cuda_graphs(self, enabled: bool = True) -> QwenForCausalLM:
+        """Decode by replaying CUDA graphs (``generation.graphs``): one launch per token, recorded once per
+        batch size and cache capacity (a fraction of a second, no compilation). CUDA models only."""
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {self.device}")
+        self._graphs = GraphDecoder(self) if enabled else None
         return self
 
     @property
@@ -256,7 +274,7 @@ class QwenForCausalLM(nn.Module):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for key, value in self.__dict__.items():
-            clone.__dict__[key] = None if key == "_compiled" else copy.deepcopy(value, memo)
+            clone.__dict__[key] = None if key in ("_compiled", "_graphs") else copy.deepcopy(value, memo)
         return clone
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

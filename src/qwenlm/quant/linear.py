@@ -88,7 +88,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
-        if x2.shape[0] >= PREFILL_ROWS or x.device.type != "cpu":
+        if x.device.type != "cpu":
+            # int8 -> bf16 inside the product, the scale after it: torch.compile fuses the conversion into
+            # the matrix-vector kernel, so decoding reads one byte per weight (PyTorch's own CUDA int8
+            # kernel is a naive fp32 one)
+            y = F.linear(x2, self.weight.to(KERNEL_DTYPE)) * self.scales
+        elif x2.shape[0] >= PREFILL_ROWS:
             y = F.linear(x2, self.dequantize())
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
@@ -158,26 +163,36 @@ class Int4Linear(nn.Module):
         zero = self.scales_and_zeros[..., 1].t()[..., None].to(dtype)
         return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
 
+    def prepare(self) -> None:
+        """Pack the weight for this device's kernel now, not inside the first compiled or recorded step."""
+        if self.out_features % 16 == 0 and (self.qweight.device.type == "cpu" or self._cuda_k_tiles()):
+            self._kernel_weight()
+
     def _kernel_weight(self) -> torch.Tensor:
         if self._packed is None or self._packed.device != self.qweight.device:
             q = self._values().to(torch.int32)
             if self.qweight.device.type == "cpu":
                 self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            else:
+            else:  # the CUDA layout: inner k-tiles of 16 weights, as many as divide the row
                 packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-                self._packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+                self._packed = torch.ops.aten._convert_weight_to_int4pack(packed, self._cuda_k_tiles())
         return self._packed
+
+    def _cuda_k_tiles(self) -> int:
+        return next((t for t in (8, 4, 2) if self.in_features % (16 * t) == 0), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
-        if x2.shape[0] >= PREFILL_ROWS or self.out_features % 16:  # the packed kernels need 16 | out
+        cuda_unfit = x.device.type == "cuda" and not self._cuda_k_tiles()
+        if x2.shape[0] >= PREFILL_ROWS or self.out_features % 16 or cuda_unfit:  # the kernels' shape limits
             y = F.linear(x2, self.dequantize())
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group_size,
                                                            self.scales_and_zeros)  # fmt: skip
         else:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self._kernel_weight(), self.group_size, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self._kernel_weight(), self.group_size,
+                                                   self.scales_and_zeros)  # fmt: skip
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 

@@ -1,0 +1,198 @@
+"""One-token decoding replayed from CUDA graphs: one launch per token instead of ~30 kernel launches per layer.
+
+At batch 1 a GPU finishes each of a 7B model's ~1,000 small kernels faster than Python can launch the next,
+so eager decoding is bound by launch overhead, not by memory bandwidth. A graph needs every shape and every
+buffer address fixed, so the step here differs from the eager one in three ways (the result is the same):
+
+- keys and values live in a *slot*: static buffers of a fixed capacity (the cache's need, rounded up to
+  ``CAPACITY_STEP``), which the ``KVCache`` adopts; the new token's keys are written at a position held in
+  a device tensor (``index_copy_``), not at a Python slice;
+- attention runs over the whole capacity; columns after the position and padding columns are masked with
+  the most negative finite value, as the eager mask does, so they get weight exactly 0;
+- the rotary and LogN tables are indexed with the position tensor.
+
+A slot is recorded once per (batch, capacity, NTK alphas) and replayed for every later token and later
+generation of that shape; the recording (two warm-up steps and the capture) takes a fraction of a second,
+or the compilation time with ``compile=True`` (the step then goes through ``torch.compile`` with static
+shapes before it is recorded). Window attention and training mode use the eager step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import KVCache
+
+if TYPE_CHECKING:
+    from ..model import QwenForCausalLM
+
+CAPACITY_STEP = 256  # slot capacities are multiples of this: few recordings, little attention over empty columns
+MAX_SLOTS = 4  # recorded shapes kept (each holds its own keys and values)
+
+
+@dataclass
+class _Slot:
+    """The static buffers of one recorded shape."""
+
+    ids: torch.Tensor  # (B, 1) token ids fed this step
+    pos: torch.Tensor  # (1,) position of the new token
+    valid: torch.Tensor  # (B, capacity) bool: padding mask over the columns up to the position
+    columns: torch.Tensor  # (capacity,) 0..capacity-1
+    cos: torch.Tensor  # (A, capacity, rotary_dim) rotary tables, one per NTK alpha
+    sin: torch.Tensor
+    logn: torch.Tensor | None  # (capacity,) LogN query factors, or None
+    k: list[torch.Tensor]  # per layer (B, KVH, capacity, D)
+    v: list[torch.Tensor]
+    graph: Any = None  # torch.cuda.CUDAGraph once recorded
+    logits: torch.Tensor | None = None  # (B, vocab) output of the recorded step
+    owner: Any = field(default=None)  # weakref to the KVCache using k/v
+
+    @property
+    def capacity(self) -> int:
+        return self.columns.shape[0]
+
+
+class GraphDecoder:
+    """``decode_step`` on recorded CUDA graphs (see the module doc). ``capture=False`` runs the same static
+    step eagerly, on any device: what the tests compare with the eager step where no GPU exists."""
+
+    def __init__(self, model: QwenForCausalLM, compile: bool = False, capture: bool = True) -> None:
+        self.model = model
+        self.capture = capture
+        self.compile = compile
+        self._run = torch.compile(self._step, dynamic=False) if compile else self._step
+        self._slots: OrderedDict[tuple, _Slot] = OrderedDict()
+
+    def supports(self, cache: KVCache) -> bool:
+        """Whether this decoder can run the next step on ``cache`` (else the caller uses the eager step)."""
+        t = self.model.transformer
+        return not self.model.training and t.windows is None and bool(cache._k)
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Next-token logits (B, vocab) after ``input_ids`` (B, 1) on top of ``cache``, as ``decode_step``."""
+        batch, pos = input_ids.shape[0], cache.seq_len
+        if attention_mask is not None and attention_mask.shape[-1] != pos + 1:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
+                f"{pos + 1}; pass a mask for the whole sequence so far"
+            )
+        alphas = tuple(cache.ntk_alphas or [1.0])
+        # room for the whole generation the cache was sized for, so that one slot serves all of its tokens
+        capacity = -(-max(pos + 1, cache.capacity) // CAPACITY_STEP) * CAPACITY_STEP
+        key = (batch, capacity, alphas)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._new_slot(batch, capacity, alphas)
+            self._slots[key] = slot
+            while len(self._slots) > MAX_SLOTS:
+                self._release(self._slots.popitem(last=False)[1])
+        self._slots.move_to_end(key)
+        self._bind(slot, cache)
+        slot.ids.copy_(input_ids)
+        slot.pos.fill_(pos)
+        if attention_mask is None:
+            slot.valid.fill_(True)
+        else:
+            slot.valid[:, : pos + 1].copy_(attention_mask)
+        if slot.graph is None:
+            slot.logits = self._record(slot)
+        else:
+            slot.graph.replay()
+        cache.advance(1)
+        return slot.logits.clone()
+
+    # -- slots ------------------------------------------------------------------------------------------
+    def _new_slot(self, batch: int, capacity: int, alphas: tuple[float, ...]) -> _Slot:
+        m, c = self.model, self.model.config
+        t = m.transformer
+        device, dtype = m.device, m.dtype
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: written in and out of inference mode
+            cos, sin = t.rotary.cos_sin(0, capacity, list(alphas), device)  # (A, 1, capacity, d)
+            logn = t.logn.factors(0, capacity, False) if capacity > c.seq_length else None
+            kv = [torch.zeros(batch, c.n_kv_heads, capacity, c.head_dim, dtype=dtype, device=device)
+                  for _ in range(2 * c.num_hidden_layers)]  # fmt: skip
+            return _Slot(
+                ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
+                pos=torch.zeros(1, dtype=torch.long, device=device),
+                valid=torch.ones(batch, capacity, dtype=torch.bool, device=device),
+                columns=torch.arange(capacity, device=device),
+                cos=cos[:, 0].clone(),
+                sin=sin[:, 0].clone(),
+                logn=logn.to(device).clone() if logn is not None else None,
+                k=kv[: c.num_hidden_layers],
+                v=kv[c.num_hidden_layers :],
+            )
+
+    def _bind(self, slot: _Slot, cache: KVCache) -> None:
+        """Make ``cache`` use the slot's buffers (copying what it holds), first handing the previous user of
+        the slot a copy of its own keys and values, so that two interleaved generations never mix."""
+        if cache._k[0] is slot.k[0]:
+            return
+        previous = slot.owner() if slot.owner is not None else None
+        if previous is not None and previous._k and previous._k[0] is slot.k[0]:
+            previous._k = [b.clone() for b in previous._k]
+            previous._v = [b.clone() for b in previous._v]
+        n = cache.seq_len
+        with torch.inference_mode(False), torch.no_grad():
+            for mine, theirs in zip(slot.k + slot.v, cache._k + cache._v):
+                mine[:, :, :n].copy_(theirs[:, :, :n])
+        cache._k, cache._v, cache.capacity = list(slot.k), list(slot.v), slot.capacity
+        slot.owner = weakref.ref(cache)
+
+    def _release(self, slot: _Slot) -> None:
+        previous = slot.owner() if slot.owner is not None else None
+        if previous is not None and previous._k and previous._k[0] is slot.k[0]:
+            previous._k = [b.clone() for b in previous._k]
+            previous._v = [b.clone() for b in previous._v]
+
+    def _record(self, slot: _Slot) -> torch.Tensor:
+        """Run the step (the first token of a new shape) and, on CUDA, record it for replay."""
+        for module in self.model.modules():  # e.g. int4 weights packed for the kernel: outside the graph
+            prepare = getattr(module, "prepare", None)
+            if callable(prepare):
+                prepare()
+        if not self.capture or slot.ids.device.type != "cuda":
+            return self._run(slot)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph: packed weights, library handles, compilation
+                logits = self._run(slot)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._run(slot)
+        graph.replay()  # recording runs nothing: this is the step itself
+        slot.graph = graph
+        return logits
+
+    # -- the static step --------------------------------------------------------------------------------
+    def _step(self, slot: _Slot) -> torch.Tensor:
+        with torch.no_grad():
+            t = self.model.transformer
+            h = t.drop(t.wte(slot.ids))  # (B, 1, hidden)
+            cos = slot.cos.index_select(1, slot.pos)[:, None]  # (A, 1, 1, d)
+            sin = slot.sin.index_select(1, slot.pos)[:, None]
+            visible = slot.valid & (slot.columns <= slot.pos)  # (B, capacity)
+            bias = torch.zeros(visible.shape, dtype=h.dtype, device=h.device)
+            bias = bias.masked_fill(~visible, torch.finfo(h.dtype).min)[:, None, None, :]  # (B, 1, 1, capacity)
+            logn = slot.logn.index_select(0, slot.pos) if slot.logn is not None else None
+            for i, block in enumerate(t.h):
+                attn = block.attn
+                q, k, v = attn.project(block.ln_1(h), cos, sin)
+                slot.k[i].index_copy_(2, slot.pos, k)
+                slot.v[i].index_copy_(2, slot.pos, v)
+                if logn is not None:
+                    q = q * logn.to(q.dtype)
+                y = F.scaled_dot_product_attention(
+                    q, slot.k[i], slot.v[i], attn_mask=bias, enable_gqa=attn.n_kv_heads != attn.n_heads
+                )
+                h = h + attn.output(y)
+                h = h + block.mlp(block.ln_2(h))
+            return self.model.lm_head(t.ln_f(h)[:, -1])

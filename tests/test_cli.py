@@ -85,6 +85,14 @@ def test_bench_json(ckpt):
         assert key in result
     assert result["precision"] == "int8" and result["decode_tok_s"] > 0
     assert result["compiled"] is False and result["warmup_s"] > 0
+    assert result["cuda_graphs"] is False  # the default --cuda-graphs does nothing on a CPU model
+
+
+def test_cuda_graphs_switch_is_accepted_and_a_no_op_on_cpu(ckpt):
+    on = run("generate", "--model", str(ckpt), "Hi", "--max-new-tokens", "3", "--cuda-graphs")
+    off = run("generate", "--model", str(ckpt), "Hi", "--max-new-tokens", "3", "--no-cuda-graphs")
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert on.stdout == off.stdout
 
 
 def test_quantize_command(ckpt, tmp_path):

@@ -156,3 +156,13 @@ def test_compiled_static_step_in_bf16_is_as_accurate_as_eager():
     compiled = teacher_forced(model, ids, mask, tokens, GraphDecoder(model, compile=True, capture=False).step)
     assert relative_error(compiled, exact) <= 1.25 * relative_error(eager, exact) + 1e-3
     assert (compiled.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.9
+
+
+def test_fast_paths_choose_compile_or_graphs_and_ignore_graphs_on_cpu():
+    from qwenlm.bench import fast_paths
+
+    model = random_model(tiny_config(), seed=1)
+    assert not fast_paths(model, cuda_graphs=True).cuda_graphs  # a CPU model decodes eagerly
+    assert fast_paths(model, compile=True).compiled and not model.cuda_graphs  # on CPU: the dynamic decode step
+    model.compile_inference(False)
+    assert not model.compiled and not model.cuda_graphs

@@ -64,6 +64,16 @@ def load_at_precision(path: str | Path, precision: str, device: str = "cpu") -> 
     return with_precision(load_model(path, dtype="float32", device=device), precision)
 
 
+def fast_paths(model: QwenForCausalLM, compile: bool = False, cuda_graphs: bool = False) -> QwenForCausalLM:
+    """``compile``: ``compile_inference`` (on CUDA it records its decoding step in graphs too); else
+    ``cuda_graphs``: decode from CUDA graphs where the model is on a CUDA device (ignored on CPU)."""
+    if compile:
+        return model.compile_inference()
+    if cuda_graphs and model.device.type == "cuda":
+        return model.use_cuda_graphs()
+    return model
+
+
 def sync_device(device: torch.device) -> None:
     """Wait for the device's queued kernels (CUDA runs them asynchronously) before reading the clock."""
     if device.type == "cuda":
@@ -111,6 +121,7 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
         "peak_rss_mb": peak_rss_mb(),
         "threads": torch.get_num_threads(),
         "compiled": bool(getattr(model, "compiled", False)),
+        "cuda_graphs": bool(getattr(model, "cuda_graphs", False)),
         "warmup_s": warmup_s,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
@@ -120,13 +131,11 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
 
 
 def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "cpu", compile: bool = False,
-                     **kwargs: Any) -> dict[str, Any]:  # fmt: skip
-    """Load ``path``, convert it to ``precision`` and time it (``compile``: the decode step through
-    ``torch.compile``; its compilation shows in ``warmup_s``)."""
+                     cuda_graphs: bool = False, **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    """Load ``path``, convert it to ``precision`` and time it (``compile``, ``cuda_graphs``: see
+    ``fast_paths``; compilation and graph recording show in ``warmup_s``)."""
     t = time.perf_counter()
-    model = load_at_precision(path, precision, device)
-    if compile:
-        model.compile_inference()
+    model = fast_paths(load_at_precision(path, precision, device), compile, cuda_graphs)
     load_s = time.perf_counter() - t
     out = run_bench(model, **kwargs)
     weight_bytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))

@@ -44,10 +44,13 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                         "(see README, Long context)")  # fmt: skip
 
 
-def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+def _add_compile_arg(p: argparse.ArgumentParser, graphs_by_default: bool = True) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile prefill and decoding with torch.compile (the first tokens wait for the compiler, "
                         "minutes for the demo model on 2 CPU cores; see benchmarks/RESULTS.md)")  # fmt: skip
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=graphs_by_default,
+                   help="on a CUDA device, decode by replaying CUDA graphs (recorded once per batch size and "
+                        f"cache size; default: {'on' if graphs_by_default else 'off'}; no effect on CPU)")  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -74,8 +77,9 @@ def _load(args: argparse.Namespace):
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=args.dtype, device=args.device, ntk=getattr(args, "ntk", None),
                        logn=getattr(args, "logn", None), window=getattr(args, "window", None))  # fmt: skip
-    if getattr(args, "compile", False):
-        model.compile_inference()
+    from .bench import fast_paths
+
+    fast_paths(model, getattr(args, "compile", False), getattr(args, "cuda_graphs", False))
     print(f"qwenlm: loaded {path.name} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)  # fmt: skip
     return model, tokenizer
@@ -202,7 +206,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = "cpu" if args.device == "auto" else args.device
     result = bench_checkpoint(path, args.precision, device=device, prompt_tokens=args.prompt_tokens,
                               new_tokens=args.new_tokens, batch=args.batch, runs=args.runs,
-                              compile=args.compile)  # fmt: skip
+                              compile=args.compile, cuda_graphs=args.cuda_graphs)  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
@@ -274,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     _add_model_args(p)
-    _add_compile_arg(p)
+    _add_compile_arg(p, graphs_by_default=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")

@@ -269,6 +269,11 @@ class QwenForCausalLM(nn.Module):
     def compiled(self) -> bool:
         return self._compiled is not None
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decoding replays CUDA graphs (``use_cuda_graphs``, or ``compile_inference`` on CUDA)."""
+        return self._graphs is not None
+
     def __deepcopy__(self, memo: dict[int, Any]) -> QwenForCausalLM:
         # compiled passes are bound to this model: the copy starts in eager mode (compile it again if wanted)
         clone = type(self).__new__(type(self))

@@ -69,9 +69,11 @@ def test_new_lengths_and_capacities_do_not_recompile():
     ids = torch.randint(0, 151643, (1, 40), generator=torch.Generator().manual_seed(1))
     try:
         with torch.inference_mode():
-            for capacity, prompt in ((12, 7), (300, 37)):
+            # slices of ids are views made outside inference mode; the last prompt is a whole tensor made
+            # inside it (dynamo guards on both properties: the compiled pass gets fresh copies)
+            for capacity, prompt in ((12, ids[:, :7]), (300, ids[:, :37]), (64, torch.tensor(ids.tolist()))):
                 cache = m.new_cache(capacity)
-                m(ids[:, :prompt], past_key_values=cache)
+                m(prompt, past_key_values=cache)
                 for step in range(3):
                     m.decode_step(ids[:, step : step + 1], None, cache)
                 torch._dynamo.config.error_on_recompile = True  # from the second cache on, a recompile fails

@@ -204,6 +204,10 @@ class QwenForCausalLM(nn.Module):
             if cache is not None:
                 self._reserve(cache, input_ids)
             alphas = self.transformer.ntk_alphas_for(input_ids, attention_mask, cache)
+            # fresh copies made in the current grad mode: dynamo guards on whether an input is a view and on
+            # its dispatch keys (inference tensor or not), which would otherwise compile the pass twice
+            input_ids = input_ids.clone()
+            attention_mask = attention_mask.clone() if attention_mask is not None else None
             h = self._compiled["prefill"](input_ids, attention_mask, cache, alphas)
         else:
             h = self.transformer(input_ids, attention_mask, cache)
@@ -239,8 +243,8 @@ class QwenForCausalLM(nn.Module):
         """Run inference through ``torch.compile`` (inductor): the decoder stack of every ``forward`` without
         gradients (prefill, scoring; dynamic shapes) and the one-token ``decode_step`` (on CPU with dynamic
         shapes; on CUDA with static shapes, recorded in CUDA graphs, see ``use_cuda_graphs``). New cache
-        capacities and a growing attention mask do not recompile on CPU; a new batch size does, and the first
-        new prompt length may recompile the prefill once (dynamo's shape specialisation). The first passes
+        capacities, prompt lengths and a growing attention mask do not recompile on CPU; a new batch size does.
+        The first passes
         pay the compilation (about two minutes each for prefill and decoding of the demo model on 2 CPU cores);
         ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again.
         Call it after moving the model to its device."""

@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--budget", type=int, default=8192)
     ap.add_argument("--per-kind", action="store_true", help="also int4 for one kind of layer at a time")
+    ap.add_argument("--decode-tokens", type=int, default=0,
+                    help="also score this many tokens one at a time through decode_step (the int4 decoding "
+                         "kernels: qwenlm's AVX-512 one and PyTorch's), against the same tokens scored at once")  # fmt: skip
     args = ap.parse_args()
     path = demo_model_path(progress_bar=False)
     tok = load_tokenizer(path)
@@ -51,6 +54,8 @@ def main() -> None:
         )
         del model
     assert all(math.isfinite(v) for v in ppl.values())
+    if args.decode_tokens:
+        decode_path(base, path, samples, args.decode_tokens)
     if args.per_kind:
         grids = gguf_grids(path, 4)
         print(f"{'int4 only for':16s} {'perplexity':>10s} {'vs bf16':>8s}")
@@ -62,6 +67,36 @@ def main() -> None:
             p = perplexity(model, samples)
             print(f"{kind:16s} {p:10.4f} {(p / ppl['bf16'] - 1) * 100:+7.2f}%")
             del model
+
+
+def decode_path(base: torch.nn.Module, path, samples: torch.Tensor, tokens: int) -> None:
+    """Perplexity of the first samples (``tokens`` in all) scored token by token through ``decode_step``,
+    i.e. through the matrix-vector kernels that generation uses, next to the same tokens scored at once."""
+    from qwenlm.quant import cpu_kernel
+
+    per = samples.shape[1]
+    rows = samples[: max(1, tokens // per)]
+    print(f"decode path: {rows.shape[0]} x {per} tokens, one at a time")
+    print(f"{'int4 scoring':28s} {'perplexity':>10s} {'vs at once':>10s}")
+    model = with_precision(copy.deepcopy(base), "int4", source=path)
+    at_once = perplexity(model, rows)
+    print(f"{'all tokens at once (matmul)':28s} {at_once:10.4f} {'':>10s}")
+    for own in (True, False):
+        cpu_kernel.set_enabled(own)
+        model.prepare_layers()
+        nll, count = 0.0, 0
+        with torch.inference_mode():
+            for row in rows:
+                cache = model.new_cache(per)
+                logits = model(row[None, :1], past_key_values=cache).logits[:, -1]
+                for i in range(1, per):
+                    nll -= torch.log_softmax(logits.float(), -1)[0, row[i]].item()
+                    count += 1
+                    logits = model.decode_step(row[None, i : i + 1], None, cache)
+        p = math.exp(nll / count)
+        name = "one at a time, " + ("qwenlm kernel" if own else "PyTorch kernel")
+        print(f"{name:28s} {p:10.4f} {(p / at_once - 1) * 100:+9.2f}%")
+    cpu_kernel.set_enabled(True)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,9 @@ def test_quantised_model_tracks_fp32(ckpt, bits):
         cache = q.new_cache()
         q(ids[:, :-1], past_key_values=cache)
         last = q(ids[:, -1:], past_key_values=cache).logits[:, -1]
-    torch.testing.assert_close(last, out[:, -1], atol=0.25, rtol=0.05)  # bf16 kernels vs bf16 matmul
+    # the decoding kernels (bf16 or ~15-bit activations) vs the bf16 matmul of prefill
+    assert ((last - out[:, -1]).norm() / out[:, -1].norm()).item() < 0.02  # vs 0.2 from quantising itself
+    assert out[0, -1, last.argmax()] >= out[0, -1].max() - 0.5  # the same top token, up to a near tie
 
 
 @pytest.mark.parametrize("bits", [8, 4])

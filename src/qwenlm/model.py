@@ -252,6 +252,7 @@ class QwenForCausalLM(nn.Module):
             # the rotary table exists before the first compiled pass, which would otherwise build it and so
             # be compiled for a state that the next pass no longer sees
             self.transformer.rotary.cos_sin(0, 1, [1.0], self.device)
+            self.prepare_layers()
             self._compiled = {"prefill": torch.compile(self.transformer.forward, dynamic=True)}
             if self.device.type == "cuda":
                 self._graphs = GraphDecoder(self, compile=True)
@@ -268,6 +269,14 @@ class QwenForCausalLM(nn.Module):
             raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {self.device}")
         self._graphs = GraphDecoder(self) if enabled else None
         return self
+
+    def prepare_layers(self) -> None:
+        """Let layers that choose a kernel per device (quantised linears) do so now, outside compiled or
+        recorded passes, which would otherwise capture the choosing."""
+        for module in self.modules():
+            prepare = getattr(module, "prepare", None)
+            if callable(prepare) and module is not self:
+                prepare()
 
     @property
     def compiled(self) -> bool:

@@ -153,10 +153,7 @@ class GraphDecoder:
 
     def _record(self, slot: _Slot) -> torch.Tensor:
         """Run the step (the first token of a new shape) and, on CUDA, record it for replay."""
-        for module in self.model.modules():  # e.g. int4 weights packed for the kernel: outside the graph
-            prepare = getattr(module, "prepare", None)
-            if callable(prepare):
-                prepare()
+        self.model.prepare_layers()  # e.g. int4 weights packed for their kernel: outside the graph
         if not self.capture or slot.ids.device.type != "cuda":
             return self._run(slot)
         side = torch.cuda.Stream()

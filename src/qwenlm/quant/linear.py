@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernel
+
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # 4-bit fitting works on this many weights at a time (bounded memory)
@@ -123,7 +125,20 @@ class Int4Linear(nn.Module):
             "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=KERNEL_DTYPE, device=device)
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
-        self._packed: torch.Tensor | None = None
+        self._forget_kernel_state()
+
+    def _forget_kernel_state(self) -> None:
+        self._path: str | None = None  # "own" (cpu_kernel), "packed" (PyTorch's kernel) or "matmul"; by prepare()
+        self._packed: torch.Tensor | None = None  # PyTorch's packed layout
+        self._scales_nk: torch.Tensor | None = None  # (out, groups, 2) scales and zeros for cpu_kernel
+
+    def _apply(self, fn, recurse=True):  # moved or cast: kernel layouts are made again for the new device
+        self._forget_kernel_state()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
+        self._forget_kernel_state()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
@@ -164,12 +179,22 @@ class Int4Linear(nn.Module):
         return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
 
     def prepare(self) -> None:
-        """Pack the weight for this device's kernel now, not inside the first compiled or recorded step."""
-        if self.out_features % 16 == 0 and (self.qweight.device.type == "cpu" or self._cuda_k_tiles()):
+        """Choose the decoding kernel for the weights' device and make its layout now, not inside the first
+        compiled or recorded step: qwenlm's own AVX-512 kernel on CPUs that have it (``cpu_kernel``), else
+        PyTorch's packed kernel where the shape allows, else a dequantised matmul."""
+        self._forget_kernel_state()
+        device = self.qweight.device.type
+        if device == "cpu" and self.group_size == 32 and self.in_features % 64 == 0 and cpu_kernel.available():
+            self._scales_nk = self.scales_and_zeros.transpose(0, 1).contiguous()
+            self._path = "own"
+        elif self.out_features % 16 == 0 and (device == "cpu" or self._cuda_k_tiles()):
             self._kernel_weight()
+            self._path = "packed"
+        else:
+            self._path = "matmul"
 
     def _kernel_weight(self) -> torch.Tensor:
-        if self._packed is None or self._packed.device != self.qweight.device:
+        if self._packed is None:
             q = self._values().to(torch.int32)
             if self.qweight.device.type == "cpu":
                 self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -183,9 +208,14 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
-        cuda_unfit = x.device.type == "cuda" and not self._cuda_k_tiles()
-        if x2.shape[0] >= PREFILL_ROWS or self.out_features % 16 or cuda_unfit:  # the kernels' shape limits
+        x2 = x.reshape(-1, shape[-1])
+        if self._path is None:
+            self.prepare()
+        if self._path == "own" and x2.shape[0] < PREFILL_ROWS:  # rounds x to int8 itself: no bf16 step
+            y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk)
+            return self._finish(y, x, shape)
+        x2 = x2.to(KERNEL_DTYPE)
+        if x2.shape[0] >= PREFILL_ROWS or self._path in ("matmul", "own"):
             y = F.linear(x2, self.dequantize())
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group_size,
@@ -193,6 +223,9 @@ class Int4Linear(nn.Module):
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self._kernel_weight(), self.group_size,
                                                    self.scales_and_zeros)  # fmt: skip
+        return self._finish(y, x, shape)
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 

@@ -1,0 +1,90 @@
+"""qwenlm's own int4 decoding kernel for x86 CPUs with AVX-512 VNNI (``int4_cpu.cpp``).
+
+PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrices of a small model at batch
+1; this kernel reads the weights in ``Int4Linear``'s own layout (no second packed copy), prefetches ahead of
+the hardware, and multiplies them on the VNNI byte dot-product unit with activations split into two int8
+parts per block of 32 (llama.cpp's Q8 blocks plus their rounding residual: ~15 bits, so decoding through it
+scores text as well as the bf16 matmul does; see benchmarks/RESULTS.md).
+It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
+seconds; cached afterwards) and needs ``ninja`` (``pip install ninja``, in the ``demo`` and ``cpu-kernel``
+extras). Without AVX-512 VNNI, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` uses
+PyTorch's kernel; ``status()`` says which and why.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("int4_cpu.cpp")
+NAME = "qwenlm_int4_cpu"
+FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+
+_state: dict[str, object] = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build() -> str | None:
+    """Compile and load the kernel; None on success, else the reason it is not used."""
+    if os.environ.get("QWENLM_CPU_KERNEL", "1") == "0":
+        return "switched off by QWENLM_CPU_KERNEL=0"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    try:
+        import ninja  # noqa: F401  (torch.utils.cpp_extension builds with it)
+    except ImportError:
+        return "ninja is not installed (pip install ninja)"
+    from torch.utils import cpp_extension
+
+    try:
+        built = Path(cpp_extension._get_build_directory(NAME, False)) / f"{NAME}.so"
+        if not built.exists():
+            print("qwenlm: compiling the int4 CPU kernel (once, a few seconds)", file=sys.stderr)
+        cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False,
+                           verbose=False)  # fmt: skip
+    except Exception as e:  # no compiler, headers, ...: the PyTorch kernel still works
+        return f"building {SOURCE.name} failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+
+    @torch.library.register_fake("qwenlm_cpu::int4_gemv")
+    def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+
+    return None
+
+
+def status() -> str:
+    """'available', or why the kernel is not used (built on the first call)."""
+    if "reason" not in _state:
+        _state["reason"] = _build()
+        if _state["reason"] is not None and os.environ.get("QWENLM_CPU_KERNEL", "1") != "0":
+            print(f"qwenlm: int4 CPU kernel not used: {_state['reason']}; using PyTorch's", file=sys.stderr)
+    return "available" if _state["reason"] is None else str(_state["reason"])
+
+
+def available() -> bool:
+    return _state.get("enabled", True) and status() == "available"
+
+
+def set_enabled(enabled: bool) -> None:
+    """Use (the default where it builds) or bypass the kernel in this process, e.g. to compare the two."""
+    _state["enabled"] = enabled
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """``x`` (M <= 16, K) times the int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero): (M, N) fp32."""
+    return torch.ops.qwenlm_cpu.int4_gemv(x, packed, scales_zeros)

@@ -1,0 +1,82 @@
+"""qwenlm's AVX-512 VNNI int4 kernel (``quant.cpu_kernel``): exact on int8-representable activations,
+close to the dequantised product otherwise, used by ``Int4Linear`` where it applies, traceable by
+torch.compile, and bypassed cleanly where it cannot be used."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from qwenlm.quant import Int4Linear, cpu_kernel
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4 CPU kernel: {cpu_kernel.status()}")
+
+
+def _layer(k: int, n: int, seed: int = 0) -> Int4Linear:
+    torch.manual_seed(seed)
+    return Int4Linear.from_linear(nn.Linear(k, n, bias=False))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n,rows", [(64, 16, 1), (128, 48, 3), (896, 160, 15)])
+def test_exact_when_activations_are_int8_blocks(k, n, rows):
+    """Activations already on an int8 grid (each block of 32 holds integers with a maximum of 127) are not
+    changed by the kernel's rounding, so it must equal the dequantised product up to fp32 summation."""
+    layer = _layer(k, n)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-127, 128, (rows, k), generator=g).float()
+    x.view(rows, -1, 32)[..., 0] = 127.0  # every block's maximum is 127: scale exactly 1
+    got = cpu_kernel.int4_gemv(x, layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous())
+    expected = x.double() @ layer.dequantize(torch.float32).double().t()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+@needs_kernel
+def test_close_to_the_dequantised_product_and_used_by_int4linear():
+    layer = _layer(896, 1152)
+    x = torch.randn(2, 1, 896)
+    y = layer(x)
+    assert layer._path == "own" and layer._packed is None  # no second packed copy of the weights
+    ref = x.reshape(2, 896) @ layer.dequantize(torch.float32).t()
+    assert ((y.reshape(2, -1) - ref).norm() / ref.norm()).item() < 2e-3  # ~15-bit activations: ~bf16 rounding
+
+
+@needs_kernel
+def test_compiles_as_one_graph():
+    layer = _layer(128, 64)
+    layer.prepare()
+    x = torch.randn(1, 128)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_bypassed_where_it_does_not_apply():
+    layer = _layer(96, 32)  # 96 input features: not a multiple of 64
+    layer.prepare()
+    assert layer._path == "packed"
+    cpu_kernel.set_enabled(False)
+    try:
+        other = _layer(128, 32)
+        other.prepare()
+        assert other._path == "packed"
+    finally:
+        cpu_kernel.set_enabled(True)
+
+
+def test_switched_off_by_the_environment():
+    code = "from qwenlm.quant import cpu_kernel; print(cpu_kernel.status())"
+    env = dict(os.environ, QWENLM_CPU_KERNEL="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "switched off by QWENLM_CPU_KERNEL=0" and out.stderr == ""
+
+
+def test_moving_a_layer_chooses_its_kernel_again():
+    layer = _layer(128, 32)
+    layer.prepare()
+    layer.to(torch.float32)  # any _apply drops the device-specific layouts
+    assert layer._path is None and layer._scales_nk is None and layer._packed is None

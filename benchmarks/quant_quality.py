@@ -30,8 +30,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8192)
     ap.add_argument("--per-kind", action="store_true", help="also int4 for one kind of layer at a time")
     ap.add_argument("--decode-tokens", type=int, default=0,
-                    help="also score this many tokens one at a time through decode_step (the int4 decoding "
-                         "kernels: qwenlm's AVX-512 one and PyTorch's), against the same tokens scored at once")  # fmt: skip
+                    help="also score this many tokens one at a time through decode_step (the int4 "
+                         "decoding kernels: qwenlm's AVX-512 one and PyTorch's) and at once")  # fmt: skip
     args = ap.parse_args()
     path = demo_model_path(progress_bar=False)
     tok = load_tokenizer(path)

@@ -1,13 +1,14 @@
 """qwenlm (each precision) vs HF transformers vs llama.cpp on the demo model, in one run.
 
     python benchmarks/compare.py [--runs 3] [--prompt 512] [--new 128] [--batch8-new 32] [--json OUT]
-                                 [--engines qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,qwenlm-int4+compile,
-                                            hf-fp32,hf-bf16,llamacpp]
+                                 [--engines qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,qwenlm-int4+torchkernel,
+                                            qwenlm-int4+compile,hf-fp32,hf-bf16,llamacpp]
 
 Each engine runs in its own process (so peak memory is its own), on the same GGUF weights: qwenlm loads the
 GGUF, HF transformers runs its own Qwen2ForCausalLM on the weights dequantised to fp32 (cast for bf16), and
 llama.cpp (llama-cpp-python, n_threads=--threads) runs the GGUF as shipped. Medians of --runs after a warm-up.
-``+compile`` runs qwenlm's decode step through torch.compile; its compilation time is ``warmup_s`` in the JSON.
+``+compile`` runs qwenlm's prefill and decode step through torch.compile (compilation time: ``warmup_s`` in the
+JSON); ``+torchkernel`` decodes int4 with PyTorch's kernel instead of qwenlm's own (``quant.cpu_kernel``).
 Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth.
 """
 
@@ -25,15 +26,18 @@ BANDWIDTH_GB_S = {1: 12.0, 2: 22.0}
 
 
 def child_qwenlm(variant: str, args) -> dict:
-    """``variant``: a precision, optionally with ``+compile`` (the decode step through torch.compile)."""
+    """``variant``: a precision, optionally with ``+compile`` (prefill and decode step through torch.compile)
+    and ``+torchkernel`` (int4 through PyTorch's kernel instead of qwenlm's AVX-512 one)."""
     from qwenlm.bench import load_at_precision, run_bench
     from qwenlm.demo import demo_model_path
+    from qwenlm.quant import cpu_kernel
 
-    precision, _, flag = variant.partition("+")
+    precision, *flags = variant.split("+")
     path = demo_model_path(progress_bar=False)
+    cpu_kernel.set_enabled("torchkernel" not in flags)
     t = time.perf_counter()
     model = load_at_precision(path, precision)
-    if flag == "compile":
+    if "compile" in flags:
         model.compile_inference()
     load_s = time.perf_counter() - t
     r = run_bench(model, prompt_tokens=args.prompt, new_tokens=args.new, runs=args.runs)
@@ -131,8 +135,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch8-new", type=int, default=32)
-    ap.add_argument("--engines", default="qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,qwenlm-int4+compile,"
-                                         "hf-fp32,hf-bf16,llamacpp")  # fmt: skip
+    ap.add_argument("--engines", default="qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,qwenlm-int4+torchkernel,"
+                                         "qwenlm-int4+compile,hf-fp32,hf-bf16,llamacpp")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -155,12 +159,12 @@ def main() -> None:
     ok = {k: v for k, v in results.items() if isinstance(v, dict)}
     base_lc = ok.get("llamacpp")
     base_hf = ok.get("hf-fp32")
-    hdr = (f"{'engine':20s} {'prefill t/s':>11s} {'decode t/s':>10s} {'b8 t/s':>7s} {'TTFT s':>7s} {'peak MB':>8s} "
+    hdr = (f"{'engine':24s} {'prefill t/s':>11s} {'decode t/s':>10s} {'b8 t/s':>7s} {'TTFT s':>7s} {'peak MB':>8s} "
            f"{'GB/s':>5s} {'of BW':>6s} {'dec/llama':>9s} {'dec/HF32':>8s} {'pre/llama':>9s}")  # fmt: skip
     print(hdr)
     for engine, r in results.items():
         if not isinstance(r, dict):
-            print(f"{engine:20s} unavailable: {r}")
+            print(f"{engine:24s} unavailable: {r}")
             continue
         gbs = r["bytes_per_token"] * r["decode_tok_s"] / 1e9
 
@@ -168,7 +172,7 @@ def main() -> None:
             return f"{r[key] / base[key]:.2f}x" if base else "-"
 
         b8 = f"{r['batch8_tok_s']:7.1f}" if r.get("batch8_tok_s") else f"{'-':>7s}"
-        print(f"{engine:20s} {r['prefill_tok_s']:11.1f} {r['decode_tok_s']:10.2f} {b8} {r['ttft_s']:7.2f} "
+        print(f"{engine:24s} {r['prefill_tok_s']:11.1f} {r['decode_tok_s']:10.2f} {b8} {r['ttft_s']:7.2f} "
               f"{r['peak_rss_mb']:8.0f} {gbs:5.1f} {gbs / BANDWIDTH_GB_S.get(args.threads, 22.0):6.0%} "
               f"{ratio('decode_tok_s', base_lc):>9s} "
               f"{ratio('decode_tok_s', base_hf):>8s} {ratio('prefill_tok_s', base_lc):>9s}")  # fmt: skip

@@ -1,7 +1,7 @@
 """qwenlm's own int4 decoding kernel for x86 CPUs with AVX-512 VNNI (``int4_cpu.cpp``).
 
 PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrices of a small model at batch
-1; this kernel reads the weights in ``Int4Linear``'s own layout (no second packed copy), prefetches ahead of
+1; this kernel reads the weights in ``Int4Linear``'s own layout, prefetches ahead of
 the hardware, and multiplies them on the VNNI byte dot-product unit with activations split into two int8
 parts per block of 32 (llama.cpp's Q8 blocks plus their rounding residual: ~15 bits, so decoding through it
 scores text as well as the bf16 matmul does; see benchmarks/RESULTS.md).

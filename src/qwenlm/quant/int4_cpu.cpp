@@ -97,16 +97,6 @@ void rows(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k
     }
   }
   for (int64_t p = 0; p < pairs; ++p) {
-    __m512i xv[M], xr[M];
-    __m512 dx[M];
-    __m128 xs[M];
-    for (int m = 0; m < M; ++m) {
-      const int64_t at_ = m * pairs + p;
-      xv[m] = _mm512_loadu_si512(act.xq.data() + at_ * 64);
-      xr[m] = _mm512_loadu_si512(act.xr.data() + at_ * 64);
-      dx[m] = _mm512_loadu_ps(act.dx.data() + at_ * 16);
-      xs[m] = _mm_loadu_ps(act.xs.data() + at_ * 4);
-    }
     for (int r = 0; r < R; ++r) {
       const int64_t row = row0 + r;
       // the rows a few blocks ahead: more loads in flight than the hardware prefetcher starts by itself
@@ -121,12 +111,16 @@ void rows(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + row * (k / kGroup) * 2 + p * 4));
       const __m128 szf = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));
       const __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(szf));
-      for (int m = 0; m < M; ++m) {
+      for (int m = 0; m < M; ++m) {  // the activations of pair p come from L1 (few KB per call)
+        const int64_t at_ = m * pairs + p;
+        const __m512i xv = _mm512_loadu_si512(act.xq.data() + at_ * 64);
+        const __m512i xr = _mm512_loadu_si512(act.xr.data() + at_ * 64);
         // 256 * (q . xq) + (q . xr): at most 4 * 15 * 127 * 257 per lane, far inside int32
         const __m512i dot = _mm512_dpbusd_epi32(
-            _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv[m]), 8), q, xr[m]);
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, dx[m]), acc[r][m]);
-        off[r][m] = _mm_fmadd_ps(szf, xs[m], off[r][m]);
+            _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv), 8), q, xr);
+        const __m512 c = _mm512_mul_ps(sv, _mm512_loadu_ps(act.dx.data() + at_ * 16));
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), c, acc[r][m]);
+        off[r][m] = _mm_fmadd_ps(szf, _mm_loadu_ps(act.xs.data() + at_ * 4), off[r][m]);
       }
     }
   }

@@ -21,6 +21,7 @@ from . import cpu_kernel
 
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
+OWN_KERNEL_ROWS = 4  # qwenlm's int4 CPU kernel below this many rows (bandwidth-bound); PyTorch's from here on
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # 4-bit fitting works on this many weights at a time (bounded memory)
 SCALE_STEPS = tuple(x / 5 for x in range(-5, 6))  # offsets to the 15 steps of a group's range that are tried
 
@@ -187,6 +188,8 @@ class Int4Linear(nn.Module):
         if device == "cpu" and self.group_size == 32 and self.in_features % 64 == 0 and cpu_kernel.available():
             self._scales_nk = self.scales_and_zeros.transpose(0, 1).contiguous()
             self._path = "own"
+            if self.out_features % 16 == 0:  # PyTorch's kernel is faster from OWN_KERNEL_ROWS rows on
+                self._kernel_weight()
         elif self.out_features % 16 == 0 and (device == "cpu" or self._cuda_k_tiles()):
             self._kernel_weight()
             self._path = "packed"
@@ -211,11 +214,12 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self._path is None:
             self.prepare()
-        if self._path == "own" and x2.shape[0] < PREFILL_ROWS:  # rounds x to int8 itself: no bf16 step
-            y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk)
+        rows = x2.shape[0]
+        if self._path == "own" and (rows < OWN_KERNEL_ROWS or (rows < PREFILL_ROWS and self._packed is None)):
+            y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk)  # rounds x itself: no bf16 step
             return self._finish(y, x, shape)
         x2 = x2.to(KERNEL_DTYPE)
-        if x2.shape[0] >= PREFILL_ROWS or self._path in ("matmul", "own"):
+        if rows >= PREFILL_ROWS or self._path == "matmul":
             y = F.linear(x2, self.dequantize())
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group_size,

@@ -157,7 +157,8 @@ def main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": name, "torch": torch.__version__, "hbm_gb_s": limit, "copy_gb_s": copy,
-                           "settings": vars(args), "results": results}, f, indent=2)  # fmt: skip
+                           "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                           "results": results}, f, indent=2)  # fmt: skip
     ok = {v: r for v, r in results.items() if "error" not in r}
     if "bf16" in ok:
         base = ok["bf16"]["decode_tok_s"]

@@ -134,10 +134,7 @@ class GraphDecoder:
         the slot a copy of its own keys and values, so that two interleaved generations never mix."""
         if cache._k[0] is slot.k[0]:
             return
-        previous = slot.owner() if slot.owner is not None else None
-        if previous is not None and previous._k and previous._k[0] is slot.k[0]:
-            previous._k = [b.clone() for b in previous._k]
-            previous._v = [b.clone() for b in previous._v]
+        self._release(slot)
         n = cache.seq_len
         with torch.inference_mode(False), torch.no_grad():
             for mine, theirs in zip(slot.k + slot.v, cache._k + cache._v):
@@ -146,6 +143,7 @@ class GraphDecoder:
         slot.owner = weakref.ref(cache)
 
     def _release(self, slot: _Slot) -> None:
+        """Give the cache that still uses the slot's buffers (if it lives) its own copy of them."""
         previous = slot.owner() if slot.owner is not None else None
         if previous is not None and previous._k and previous._k[0] is slot.k[0]:
             previous._k = [b.clone() for b in previous._k]

@@ -24,6 +24,8 @@ NAME = "qwenlm_int4_cpu"
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 
+SWITCHED_OFF = "switched off by QWENLM_CPU_KERNEL=0"
+
 _state: dict[str, object] = {}
 
 
@@ -41,7 +43,7 @@ def _cpu_flags() -> set[str]:
 def _build() -> str | None:
     """Compile and load the kernel; None on success, else the reason it is not used."""
     if os.environ.get("QWENLM_CPU_KERNEL", "1") == "0":
-        return "switched off by QWENLM_CPU_KERNEL=0"
+        return SWITCHED_OFF
     missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
@@ -71,7 +73,7 @@ def status() -> str:
     """'available', or why the kernel is not used (built on the first call)."""
     if "reason" not in _state:
         _state["reason"] = _build()
-        if _state["reason"] is not None and os.environ.get("QWENLM_CPU_KERNEL", "1") != "0":
+        if _state["reason"] not in (None, SWITCHED_OFF):  # a deliberate switch needs no notice
             print(f"qwenlm: int4 CPU kernel not used: {_state['reason']}; using PyTorch's", file=sys.stderr)
     return "available" if _state["reason"] is None else str(_state["reason"])
 

@@ -1,10 +1,13 @@
 """Perplexity of the demo model at each precision (quality next to speed for weight-only quantisation).
 
     python benchmarks/quant_quality.py --data FILES [--length 1024] [--budget 8192] [--per-kind]
+        [--calibration FILES [--calibration-tokens 16384]]
 
 Same samples for every precision: the documents concatenated (joined with <|endoftext|>), cut into
 ``--length``-token samples, ``--budget`` tokens in all. ``--per-kind`` then quantises one kind of linear
-layer at a time to int4 (the rest bf16), to show where the int4 loss comes from.
+layer at a time to int4 (the rest bf16), to show where the int4 loss comes from. ``--calibration`` adds
+int4 calibrated with GPTQ on those files (``qwenlm quantize --bits 4 --calibration``); use text other than
+``--data``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from qwenlm.checkpoint import load_model, load_tokenizer
 from qwenlm.demo import demo_model_path
 from qwenlm.eval.perplexity import make_samples, perplexity, read_documents, tokenize_documents
 from qwenlm.quant import Quantizer, gguf_grids
+from qwenlm.quant.gptq import calibration_batches, quantize_calibrated, read_texts
 
 
 def main() -> None:
@@ -32,6 +36,9 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=0,
                     help="also score this many tokens one at a time through decode_step (the int4 "
                          "decoding kernels: qwenlm's AVX-512 one and PyTorch's) and at once")  # fmt: skip
+    ap.add_argument("--calibration", nargs="+", help="also int4 calibrated (GPTQ) on these files")
+    ap.add_argument("--calibration-tokens", type=int, default=16_384)
+    ap.add_argument("--precisions", default="fp32,bf16,int8,int4", help="comma-separated (default: all four)")
     args = ap.parse_args()
     path = demo_model_path(progress_bar=False)
     tok = load_tokenizer(path)
@@ -41,9 +48,16 @@ def main() -> None:
     print(f"{samples.shape[0]} samples x {args.length} tokens")
     print(f"{'precision':9s} {'perplexity':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'seconds':>8s}")
     ppl = {}
-    for precision in ("fp32", "bf16", "int8", "int4"):
-        model = with_precision(copy.deepcopy(base), precision, source=path)
+    precisions = args.precisions.split(",") + (["int4-gptq"] if args.calibration else [])
+    for precision in precisions:
         t = time.perf_counter()
+        if precision == "int4-gptq":
+            batches = calibration_batches(tok, read_texts(args.calibration), tokens=args.calibration_tokens)
+            model = quantize_calibrated(copy.deepcopy(base), batches, grids=gguf_grids(path, 4))
+            print(f"(calibrated on {sum(b.numel() for b in batches)} tokens in {time.perf_counter() - t:.0f} s)")
+            t = time.perf_counter()
+        else:
+            model = with_precision(copy.deepcopy(base), precision, source=path)
         ppl[precision] = perplexity(model, samples)
 
         def rel(ref: str, precision: str = precision) -> str:

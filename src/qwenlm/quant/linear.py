@@ -148,12 +148,29 @@ class Int4Linear(nn.Module):
         out = cls(k, n, linear.bias is not None, group_size, device=w.device)
         rows = max(1, ROWS_PER_CHUNK_ELEMENTS // k)
         for r in range(0, n, rows):
-            q, scale, zero = fit_int4_groups(w[r : r + rows], group_size)
-            out.qweight[r : r + rows] = pack_int4(q)
-            out.scales_and_zeros[:, r : r + rows] = torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE)
-        if linear.bias is not None:
-            out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            out._set_rows(r, *fit_int4_groups(w[r : r + rows], group_size))
+        out._set_bias(linear.bias)
         return out
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> Int4Linear:  # fmt: skip
+        """From codes (n, k) in 0..15 and per-group scale, zero (n, k/g) as ``fit_int4_groups`` returns
+        them (e.g. ``gptq.gptq_int4``)."""
+        n, k = codes.shape
+        out = cls(k, n, bias is not None, k // scale.shape[1], device=codes.device)
+        out._set_rows(0, codes, scale, zero)
+        out._set_bias(bias)
+        return out
+
+    def _set_rows(self, start: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        end = start + codes.shape[0]
+        self.qweight[start:end] = pack_int4(codes)
+        self.scales_and_zeros[:, start:end] = torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE)
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
     def from_grid(cls, grid: Any, bias: torch.Tensor | None = None) -> Int4Linear:
@@ -163,8 +180,7 @@ class Int4Linear(nn.Module):
         out = cls(k, n, bias is not None, 32)
         out.qweight.copy_(grid.packed)
         out.scales_and_zeros.copy_(torch.stack([grid.scale.t(), grid.zero.t()], dim=-1).to(KERNEL_DTYPE))
-        if bias is not None:
-            out.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        out._set_bias(bias)
         return out
 
     def _values(self) -> torch.Tensor:
@@ -220,7 +236,7 @@ class Int4Linear(nn.Module):
             return self._finish(y, x, shape)
         x2 = x2.to(KERNEL_DTYPE)
         if rows >= PREFILL_ROWS or self._path == "matmul":
-            y = F.linear(x2, self.dequantize())
+            y = F.linear(x2, self._dequantized())
         elif x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group_size,
                                                            self.scales_and_zeros)  # fmt: skip
@@ -228,6 +244,12 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self._kernel_weight(), self.group_size,
                                                    self.scales_and_zeros)  # fmt: skip
         return self._finish(y, x, shape)
+
+    def _dequantized(self) -> torch.Tensor:
+        """``dequantize()`` for a prompt-sized product: in one pass with qwenlm's CPU kernel where it runs."""
+        if self._path == "own":
+            return cpu_kernel.int4_dequant(self.qweight, self._scales_nk)
+        return self.dequantize()
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)

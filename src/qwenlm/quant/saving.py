@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,18 +17,31 @@ from ..convert import save_safetensors, save_tiktoken_bpe
 from ..generation.config import GENERATION_CONFIG_FILE
 from ..hf_tokenizer import save_hf_tokenizer
 from ..tokenizer import VOCAB_FILE, qwen_special_tokens
-from . import quantize
+from . import gguf_grids, quantize
 
 QUANT_KEY = "quantization"
 
 
-def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 32) -> Path:
-    """Load ``src`` (any supported checkpoint) in fp32, quantise it and write it to the new folder ``dst``."""
+def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 32,
+                        calibration: Iterable[str] | None = None, calibration_tokens: int = 16_384,
+                        ) -> Path:  # fmt: skip
+    """Load ``src`` (any supported checkpoint) in fp32, quantise it and write it to the new folder ``dst``.
+
+    ``calibration`` (int4 only): texts to calibrate the 4-bit weights on (GPTQ, ``gptq.quantize_calibrated``),
+    up to ``calibration_tokens`` tokens of them; without it each weight is rounded on its own."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new folder or remove it")
+    if calibration is not None and bits != 4:
+        raise ValueError(f"calibration is for --bits 4 (int8 weights lose nothing measurable), got bits={bits}")
     tokenizer = load_tokenizer(src)
-    if group_size == 32:  # quantised while loading: the full-precision model never exists at once
+    if calibration is not None:
+        from .gptq import calibration_batches, quantize_calibrated
+
+        batches = calibration_batches(tokenizer, calibration, tokens=calibration_tokens)
+        model = load_model(src, dtype="float32", device="cpu")
+        model = quantize_calibrated(model, batches, group_size, grids=gguf_grids(src, bits, group_size))
+    elif group_size == 32:  # quantised while loading: the full-precision model never exists at once
         model = load_model(src, dtype="float32", device="cpu", quantize=bits)
     else:
         model = quantize(load_model(src, dtype="float32", device="cpu"), bits, group_size)

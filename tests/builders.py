@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -76,6 +77,25 @@ def teacher_forced(model: QwenForCausalLM, ids: torch.Tensor, mask: torch.Tensor
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             out.append(step(tokens[:, i : i + 1], mask, cache))
     return torch.stack(out, 1).float()
+
+
+def greedy_decode(model: QwenForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None, steps: int, step=None,
+                  capacity: int = 0) -> tuple[torch.Tensor, Any]:  # fmt: skip
+    """Prefill ``ids`` into a cache of ``capacity`` (0: grown as needed), then feed the greedy token ``steps``
+    times through ``step(tok, mask, cache)`` (default the model's ``decode_step``): the last prefill logits
+    and every step's, (B, steps + 1, V), and the cache."""
+    step = step or model.decode_step
+    with torch.inference_mode():
+        cache = model.new_cache(capacity)
+        logits = model(ids, mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        out = [logits]
+        for _ in range(steps):
+            tok = logits.argmax(-1, keepdim=True)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = step(tok, mask, cache)
+            out.append(logits)
+    return torch.stack(out, dim=1), cache
 
 
 def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:

@@ -8,27 +8,12 @@ import pytest
 import torch
 
 from qwenlm.quant import quantize
-from tests.builders import random_model, tiny_config
+from tests.builders import greedy_decode, random_model, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model():
     return random_model(tiny_config(), seed=3)
-
-
-def _decode_logits(model, ids, mask, steps):
-    """Prefill ``ids`` then feed the greedy token ``steps`` times; the last prefill and every decode logits."""
-    with torch.inference_mode():
-        cache = model.new_cache()
-        logits = model(ids, mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-        out = [logits]
-        for _ in range(steps):
-            tok = logits.argmax(-1, keepdim=True)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits = model.decode_step(tok, mask, cache)
-            out.append(logits)
-    return torch.stack(out, dim=1)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -37,10 +22,10 @@ def test_compiled_decode_matches_eager(model, precision):
     ids = torch.randint(0, 151643, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row: the growing mask goes through the compiled step too
-    eager = _decode_logits(m, ids, mask, 12)
+    eager = greedy_decode(m, ids, mask, 12)[0]
     m.compile_inference()
     assert m.compiled
-    compiled = _decode_logits(m, ids, mask, 12)
+    compiled = greedy_decode(m, ids, mask, 12)[0]
     torch.testing.assert_close(compiled, eager, atol=2e-4 if precision == "fp32" else 2e-2, rtol=1e-4)
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
     single = m.generate(ids[:1], max_new_tokens=10, do_sample=False, eos_token_id=None)

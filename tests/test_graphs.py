@@ -11,28 +11,17 @@ import torch
 
 from qwenlm.generation import graphs
 from qwenlm.generation.graphs import GraphDecoder
-from tests.builders import random_model, relative_error, teacher_forced, tiny_config
+from tests.builders import greedy_decode, random_model, relative_error, teacher_forced, tiny_config
 
 
 def _prefill(model, ids, mask):
-    cache = model.new_cache(ids.shape[1] + 8)
-    with torch.inference_mode():
-        logits = model(ids, mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-    return cache, logits
+    logits, cache = greedy_decode(model, ids, mask, 0, capacity=ids.shape[1] + 8)
+    return cache, logits[:, 0]
 
 
 def _run(model, ids, mask, steps, step_fn):
     """Prefill, then ``steps`` greedy steps through ``step_fn(tok, mask, cache)``; all logits (B, steps+1, V)."""
-    cache, logits = _prefill(model, ids, mask)
-    out = [logits]
-    with torch.inference_mode():
-        for _ in range(steps):
-            tok = logits.argmax(-1, keepdim=True)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits = step_fn(tok, mask, cache)
-            out.append(logits)
-    return torch.stack(out, dim=1), cache
+    return greedy_decode(model, ids, mask, steps, step_fn, capacity=ids.shape[1] + 8)
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,7 @@ def test_quantize_command_calibrates_on_text_files(ckpt, tmp_path):
         "\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) for i in range(200))
     )
     r = run("quantize", str(ckpt), str(tmp_path / "gptq"), "--bits", "4", "--calibration", str(code),
-            "--calibration", str(lines), "--calibration-tokens", "1024")  # fmt: skip
+            "--calibration", str(lines), "--calibration-tokens", "1024", "--calibration-dtype", "bfloat16")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization"]["bits"] == 4
     r = run("generate", "--model", str(tmp_path / "gptq"), "Hi", "--max-new-tokens", "3")

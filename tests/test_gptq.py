@@ -125,6 +125,20 @@ def test_calibrated_checkpoint_saves_and_loads(ckpt, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, direct(ids).logits, atol=0, rtol=0)
 
 
+def test_calibrating_in_bf16_is_close_to_calibrating_in_fp32(ckpt, tmp_path):
+    texts = ["x = 1\nprint(x)\n" * 300]
+    fp32 = quantize_checkpoint(ckpt, tmp_path / "fp32", bits=4, calibration=texts, calibration_tokens=512)
+    bf16 = quantize_checkpoint(ckpt, tmp_path / "bf16", bits=4, calibration=texts, calibration_tokens=512,
+                               calibration_dtype="bfloat16")  # fmt: skip
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        ref = QwenForCausalLM.from_pretrained(ckpt, dtype="float32", device="cpu")(ids).logits
+        a = QwenForCausalLM.from_pretrained(fp32, dtype="float32", device="cpu")(ids).logits
+        b = QwenForCausalLM.from_pretrained(bf16, dtype="float32", device="cpu")(ids).logits
+    err_a, err_b = ((a - ref).norm() / ref.norm()).item(), ((b - ref).norm() / ref.norm()).item()
+    assert err_b < 1.5 * err_a + 0.01, (err_a, err_b)  # bf16 activations in the statistics cost little
+
+
 def test_calibration_is_for_int4_only(ckpt, tmp_path):
     with pytest.raises(ValueError, match="calibration is for --bits 4"):
         quantize_checkpoint(ckpt, tmp_path / "q8", bits=8, calibration=["text"])

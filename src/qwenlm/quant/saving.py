@@ -24,11 +24,12 @@ QUANT_KEY = "quantization"
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 32,
                         calibration: Iterable[str] | None = None, calibration_tokens: int = 16_384,
-                        ) -> Path:  # fmt: skip
+                        calibration_dtype: str = "float32") -> Path:  # fmt: skip
     """Load ``src`` (any supported checkpoint) in fp32, quantise it and write it to the new folder ``dst``.
 
     ``calibration`` (int4 only): texts to calibrate the 4-bit weights on (GPTQ, ``gptq.quantize_calibrated``),
-    up to ``calibration_tokens`` tokens of them; without it each weight is rounded on its own."""
+    up to ``calibration_tokens`` tokens of them, with the model loaded in ``calibration_dtype`` ("bfloat16"
+    halves the memory: a 7B model then needs ~15 GB); without it each weight is rounded on its own."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new folder or remove it")
@@ -39,7 +40,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int = 8, group_s
         from .gptq import calibration_batches, quantize_calibrated
 
         batches = calibration_batches(tokenizer, calibration, tokens=calibration_tokens)
-        model = load_model(src, dtype="float32", device="cpu")
+        model = load_model(src, dtype=calibration_dtype, device="cpu")
         model = quantize_calibrated(model, batches, group_size, grids=gguf_grids(src, bits, group_size))
     elif group_size == 32:  # quantised while loading: the full-precision model never exists at once
         model = load_model(src, dtype="float32", device="cpu", quantize=bits)

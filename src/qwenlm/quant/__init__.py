@@ -3,6 +3,7 @@ is swapped for a quantised linear. The model code does not know; embeddings and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,25 @@ class Quantizer:
     def loaded(self, tensor_name: str) -> None:
         """Called as each tensor is loaded: quantise its layer once the weight (and bias) are all in."""
         layer = tensor_name.rpartition(".")[0]
-        if layer in self.pending and not any(p.is_meta for p in self._linear(layer).parameters()):
+        if layer in self.pending and not any(p.is_meta for p in self.linear(layer).parameters()):
             self.swap(layer)
 
-    def swap(self, layer: str) -> None:
-        linear = self._linear(layer)
+    def keeps_codes(self, layer: str) -> bool:
+        """Whether ``layer`` takes over 4-bit codes from ``grids`` rather than being rounded here."""
+        return bool(self.grids) and layer in self.grids
+
+    def swap(self, layer: str, fit: Callable[[nn.Linear], nn.Module] | None = None) -> None:
+        """Replace ``layer`` with its quantised form: its grid's codes, else ``fit(linear)`` when given (e.g.
+        calibrated rounding, ``gptq``), else each weight rounded on its own."""
+        linear = self.linear(layer)
         grid = self.grids.get(layer) if self.grids else None
         if grid is not None:
             if tuple(grid.shape) != tuple(linear.weight.shape):
                 raise ValueError(f"{layer}: 4-bit grid of shape {tuple(grid.shape)} does not fit "
                                  f"the layer's weight {tuple(linear.weight.shape)}")  # fmt: skip
             q = Int4Linear.from_grid(grid, linear.bias)
+        elif fit is not None:
+            q = fit(linear)
         elif self.bits == 8:
             q = Int8Linear.from_linear(linear)
         else:
@@ -65,7 +74,8 @@ class Quantizer:
         parent, name = self.pending.pop(layer)
         setattr(parent, name, q)
 
-    def _linear(self, layer: str) -> nn.Linear:
+    def linear(self, layer: str) -> nn.Linear:
+        """The not yet quantised linear ``layer``."""
         parent, name = self.pending[layer]
         return getattr(parent, name)
 

@@ -127,9 +127,21 @@ class _Inputs:
     def __init__(self, features: int) -> None:
         self.hessian = torch.zeros(features, features, dtype=torch.float64)
 
-    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         self.hessian += (x.T @ x).double()  # each batch's product in fp32 (fast), the running sum in fp64
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.add(args[0])
+
+
+def _fit(hessian: torch.Tensor, group_size: int) -> Any:
+    """A ``Quantizer.swap`` fit: the linear as an ``Int4Linear`` rounded by GPTQ against ``hessian``."""
+
+    def fit(linear: nn.Linear) -> Int4Linear:
+        return Int4Linear.from_codes(*gptq_int4(linear.weight, hessian, group_size), linear.bias)
+
+    return fit
 
 
 class _Stop(Exception):
@@ -177,14 +189,8 @@ def quantize_calibrated(model: nn.Module, batches: Sequence[torch.Tensor], group
     q = Quantizer(model, 4, group_size, grids)
 
     def swap(names: list[str], hessians: dict[str, torch.Tensor]) -> None:
-        for name in names:
-            if q.grids and name in q.grids:
-                q.swap(name)  # already 4-bit: its codes are kept
-                continue
-            linear = q._linear(name)
-            codes, scale, zero = gptq_int4(linear.weight, hessians[name], group_size)
-            parent, attr = q.pending.pop(name)
-            setattr(parent, attr, Int4Linear.from_codes(codes, scale, zero, linear.bias))
+        for name in names:  # a layer with a grid keeps its codes (no Hessian was collected for it)
+            q.swap(name, _fit(hessians[name], group_size) if name in hessians else None)
 
     with torch.no_grad():
         states = _block_inputs(model, batches)
@@ -193,7 +199,7 @@ def quantize_calibrated(model: nn.Module, batches: Sequence[torch.Tensor], group
         for i in range(len(blocks)):
             prefix = f"transformer.h.{i}."
             names = [name for name in q.pending if name.startswith(prefix)]
-            linears = {name: q._linear(name) for name in names if not (q.grids and name in q.grids)}
+            linears = {name: q.linear(name) for name in names if not q.keeps_codes(name)}
             block = blocks[i]
             swap(names, _hessians(linears, lambda block=block, states=states: [block(x, *a) for x, a in states]))
             states = [(block(x, *args), args) for x, args in states]
@@ -201,7 +207,7 @@ def quantize_calibrated(model: nn.Module, batches: Sequence[torch.Tensor], group
         if "lm_head" in q.pending:
             head = _Inputs(model.config.hidden_size)
             for x, _ in states:
-                head(None, (model.transformer.ln_f(x),), None)
+                head.add(model.transformer.ln_f(x))
             swap(["lm_head"], {"lm_head": head.hessian})
         done.close()
     return model

@@ -150,12 +150,19 @@ void all_rows(const uint8_t* w, const uint16_t* s, const Activations& act, int64
   });
 }
 
+// The weights both functions take: (N, K/2) uint8 codes and (N, K/32, 2) bf16 scales and zeros.
+void check_weights(const char* name, const at::Tensor& packed, const at::Tensor& sz) {
+  TORCH_CHECK(packed.dim() == 2 && sz.dim() == 3, name, ": packed (N, K/2), sz (N, K/32, 2)");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16, name, ": uint8 codes, bf16 scales");
+  TORCH_CHECK(sz.size(0) == packed.size(0) && sz.size(1) * kGroup == packed.size(1) * 2 && sz.size(2) == 2,
+              name, ": scales must be (N, K/32, 2)");
+}
+
 at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz) {
-  TORCH_CHECK(x_in.dim() == 2 && packed.dim() == 2 && sz.dim() == 3, "int4_gemv: x (M, K), packed (N, K/2), sz (N, G, 2)");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16, "int4_gemv: uint8 codes, bf16 scales");
+  check_weights("int4_gemv", packed, sz);
+  TORCH_CHECK(x_in.dim() == 2, "int4_gemv: x (M, K)");
   const int64_t m_rows = x_in.size(0), k = x_in.size(1), n = packed.size(0);
   TORCH_CHECK(k % (2 * kGroup) == 0 && packed.size(1) * 2 == k, "int4_gemv: K must be a multiple of 64 and match the codes");
-  TORCH_CHECK(sz.size(0) == n && sz.size(1) * kGroup == k && sz.size(2) == 2, "int4_gemv: scales must be (N, K/32, 2)");
   TORCH_CHECK(m_rows >= 1 && m_rows <= kMaxRows, "int4_gemv: 1 to 16 rows");
   // rows padded with zeros up to 1, 2, 4, 8 or 16 (one compiled loop each); zero rows cost no weight reads
   const int64_t padded = m_rows == 1 ? 1 : m_rows <= 2 ? 2 : m_rows <= 4 ? 4 : m_rows <= 8 ? 8 : 16;
@@ -192,10 +199,8 @@ inline __m512 bf16_to_ps(uint16_t h) { return _mm512_castsi512_ps(_mm512_set1_ep
 // The weights as a bf16 (N, K) matrix for prompt-sized products: exactly Int4Linear.dequantize() in bf16,
 // ((q - 8) * s) rounded to bf16, + z rounded to bf16, as PyTorch's bf16 element-wise ops round, in one pass.
 at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz) {
-  TORCH_CHECK(packed.dim() == 2 && sz.dim() == 3, "int4_dequant: packed (N, K/2), sz (N, G, 2)");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16, "int4_dequant: uint8 codes, bf16 scales");
+  check_weights("int4_dequant", packed, sz);
   const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / kGroup;
-  TORCH_CHECK(k % kGroup == 0 && sz.size(0) == n && sz.size(1) == groups && sz.size(2) == 2, "int4_dequant: scales must be (N, K/32, 2)");
   const at::Tensor codes = packed.contiguous();
   const at::Tensor scales = sz.contiguous();
   at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kBFloat16));

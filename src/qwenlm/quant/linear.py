@@ -148,7 +148,8 @@ class Int4Linear(nn.Module):
         out = cls(k, n, linear.bias is not None, group_size, device=w.device)
         rows = max(1, ROWS_PER_CHUNK_ELEMENTS // k)
         for r in range(0, n, rows):
-            out._set_rows(r, *fit_int4_groups(w[r : r + rows], group_size))
+            q, scale, zero = fit_int4_groups(w[r : r + rows], group_size)
+            out._set_rows(r, pack_int4(q), scale, zero)
         out._set_bias(linear.bias)
         return out
 
@@ -159,13 +160,14 @@ class Int4Linear(nn.Module):
         them (e.g. ``gptq.gptq_int4``)."""
         n, k = codes.shape
         out = cls(k, n, bias is not None, k // scale.shape[1], device=codes.device)
-        out._set_rows(0, codes, scale, zero)
+        out._set_rows(0, pack_int4(codes), scale, zero)
         out._set_bias(bias)
         return out
 
-    def _set_rows(self, start: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        end = start + codes.shape[0]
-        self.qweight[start:end] = pack_int4(codes)
+    def _set_rows(self, start: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Rows ``start``.. from packed codes (``pack_int4``) and their (rows, groups) scale and zero."""
+        end = start + packed.shape[0]
+        self.qweight[start:end] = packed
         self.scales_and_zeros[:, start:end] = torch.stack([scale.t(), zero.t()], dim=-1).to(KERNEL_DTYPE)
 
     def _set_bias(self, bias: torch.Tensor | None) -> None:
@@ -178,8 +180,7 @@ class Int4Linear(nn.Module):
         codes unchanged, scale and offset rounded to the kernel's bf16."""
         n, k = grid.shape
         out = cls(k, n, bias is not None, 32)
-        out.qweight.copy_(grid.packed)
-        out.scales_and_zeros.copy_(torch.stack([grid.scale.t(), grid.zero.t()], dim=-1).to(KERNEL_DTYPE))
+        out._set_rows(0, grid.packed, grid.scale, grid.zero)
         out._set_bias(bias)
         return out
 

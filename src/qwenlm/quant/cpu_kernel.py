@@ -4,7 +4,8 @@ PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrice
 1; this kernel reads the weights in ``Int4Linear``'s own layout, prefetches ahead of
 the hardware, and multiplies them on the VNNI byte dot-product unit with activations split into two int8
 parts per block of 32 (llama.cpp's Q8 blocks plus their rounding residual: ~15 bits, so decoding through it
-scores text as well as the bf16 matmul does; see benchmarks/RESULTS.md).
+scores text as well as the bf16 matmul does; see benchmarks/RESULTS.md). The same file dequantises the
+weights to bf16 in one pass for prompt-sized products (``int4_dequant``).
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
 seconds; cached afterwards) and needs ``ninja`` (``pip install ninja``, in the ``demo`` and ``cpu-kernel``
 extras). Without AVX-512 VNNI, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` uses

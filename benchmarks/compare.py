@@ -8,8 +8,10 @@ Each engine runs in its own process (so peak memory is its own), on the same GGU
 GGUF, HF transformers runs its own Qwen2ForCausalLM on the weights dequantised to fp32 (cast for bf16), and
 llama.cpp (llama-cpp-python, n_threads=--threads) runs the GGUF as shipped. Medians of --runs after a warm-up.
 ``+compile`` runs qwenlm's prefill and decode step through torch.compile (compilation time: ``warmup_s`` in the
-JSON); ``+torchkernel`` decodes int4 with PyTorch's kernel instead of qwenlm's own (``quant.cpu_kernel``).
-Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth.
+JSON); ``+torchkernel`` decodes int4 with PyTorch's kernel instead of qwenlm's own (``quant.cpu_kernel``);
+``+keepfreed`` on an ``hf-`` engine runs HF with qwenlm's allocator setting (``qwenlm.allocator``; plain ``hf-``
+engines keep glibc's defaults, as HF's users do). ``pre/HFbest`` is prefill against the fastest ``hf-`` engine
+of the run. Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth.
 """
 
 from __future__ import annotations
@@ -53,9 +55,15 @@ def child_qwenlm(variant: str, args) -> dict:
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 
-def _hf_model(dtype_name: str):
+def _hf_model(dtype_name: str, keep_freed: bool):
+    import os
+
     import torch
     from layer_stack import to_hf
+
+    # HF as its users run it: glibc's default allocator (loading through qwenlm would otherwise tune it;
+    # ``hf-...+keepfreed`` measures HF with qwenlm's setting, see qwenlm.allocator)
+    os.environ["QWENLM_KEEP_FREED_MEMORY"] = "1" if keep_freed else "0"
 
     from qwenlm.checkpoint import load_model
     from qwenlm.demo import demo_model_path
@@ -64,13 +72,15 @@ def _hf_model(dtype_name: str):
     return to_hf(ours, getattr(torch, dtype_name))
 
 
-def child_hf(dtype_name: str, args) -> dict:
+def child_hf(variant: str, args) -> dict:
     import torch
     from layer_stack import time_hf
 
     from qwenlm.bench import peak_rss_mb
 
-    hf = _hf_model(dtype_name).eval()
+    precision, *flags = variant.split("+")
+    dtype_name = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    hf = _hf_model(dtype_name, "keepfreed" in flags).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 151643, (1, args.prompt), generator=g)
     time_hf(hf, ids[:, :32], 4)
@@ -147,7 +157,7 @@ def main() -> None:
         kind, _, precision = args.child.partition("-")
         result = {
             "qwenlm": lambda: child_qwenlm(precision, args),
-            "hf": lambda: child_hf({"fp32": "float32", "bf16": "bfloat16"}[precision], args),
+            "hf": lambda: child_hf(precision, args),
             "llamacpp": lambda: child_llamacpp(args),
         }[kind]()
         print(json.dumps(result))
@@ -159,8 +169,13 @@ def main() -> None:
     ok = {k: v for k, v in results.items() if isinstance(v, dict)}
     base_lc = ok.get("llamacpp")
     base_hf = ok.get("hf-fp32")
+    # the prefill target is against the best HF setting of the run (bf16 on CPUs with AMX, else fp32)
+    hf_runs = [v for k, v in ok.items() if k.startswith("hf-")]
+    base_hf_pre = max(hf_runs, key=lambda r: r["prefill_tok_s"]) if hf_runs else None
+    print(machine_line())
     hdr = (f"{'engine':24s} {'prefill t/s':>11s} {'decode t/s':>10s} {'b8 t/s':>7s} {'TTFT s':>7s} {'peak MB':>8s} "
-           f"{'GB/s':>5s} {'of BW':>6s} {'dec/llama':>9s} {'dec/HF32':>8s} {'pre/llama':>9s}")  # fmt: skip
+           f"{'GB/s':>5s} {'of BW':>6s} {'dec/llama':>9s} {'dec/HF32':>8s} {'pre/llama':>9s} "
+           f"{'pre/HFbest':>10s}")  # fmt: skip
     print(hdr)
     for engine, r in results.items():
         if not isinstance(r, dict):
@@ -175,10 +190,22 @@ def main() -> None:
         print(f"{engine:24s} {r['prefill_tok_s']:11.1f} {r['decode_tok_s']:10.2f} {b8} {r['ttft_s']:7.2f} "
               f"{r['peak_rss_mb']:8.0f} {gbs:5.1f} {gbs / BANDWIDTH_GB_S.get(args.threads, 22.0):6.0%} "
               f"{ratio('decode_tok_s', base_lc):>9s} "
-              f"{ratio('decode_tok_s', base_hf):>8s} {ratio('prefill_tok_s', base_lc):>9s}")  # fmt: skip
+              f"{ratio('decode_tok_s', base_hf):>8s} {ratio('prefill_tok_s', base_lc):>9s} "
+              f"{ratio('prefill_tok_s', base_hf_pre):>10s}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"machine": machine_line(), **results}, f, indent=2)
+
+
+def machine_line() -> str:
+    """The CPU and whether it has AMX (bf16 matrix units): the speed of every bf16 prompt depends on it."""
+    from qwenlm.quant import cpu_kernel
+
+    flags = cpu_kernel.cpu_flags()
+    with open("/proc/cpuinfo") as f:
+        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    amx, vnni = ("yes" if flag in flags else "no" for flag in ("amx_bf16", "avx512_vnni"))
+    return f"machine: {name}, AMX {amx}, AVX-512 VNNI {vnni}"
 
 
 if __name__ == "__main__":

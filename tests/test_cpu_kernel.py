@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from qwenlm.quant import Int4Linear, cpu_kernel
+from qwenlm.quant import Int4Linear, cpu_kernel, linear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4 CPU kernel: {cpu_kernel.status()}")
 
@@ -51,23 +51,32 @@ def test_close_to_the_dequantised_product_and_used_by_int4linear():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k,n", [(32, 3), (896, 160)])
-def test_dequantised_in_one_pass_equals_dequantize_bit_for_bit(k, n):
+def test_dequantised_in_one_pass_equals_dequantize_bit_for_bit(k, n, dtype):
     layer = _layer(k, n)
-    with torch.no_grad():  # scales spanning many magnitudes, so that both bf16 roundings matter
+    with torch.no_grad():  # scales spanning many magnitudes, so that every rounding step matters
         layer.scales_and_zeros.mul_(torch.logspace(-3, 3, n)[None, :, None].bfloat16())
-    got = cpu_kernel.int4_dequant(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous())
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, layer.dequantize())
+    got = cpu_kernel.int4_dequant(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous(), dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, layer.dequantize(dtype))
+
+
+def test_dequantisation_dtype_is_checked():
+    layer = _layer(64, 16)
+    with pytest.raises(ValueError, match="float16"):
+        cpu_kernel.int4_dequant(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous(), torch.float16)
 
 
 @needs_kernel
-def test_prompts_use_the_one_pass_dequantisation():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prompts_use_the_one_pass_dequantisation(dtype, monkeypatch):
+    monkeypatch.setattr(linear, "prompt_dtype", lambda device: dtype)
     layer = _layer(896, 160)
-    x = torch.randn(1, 40, 896)  # prompt-sized: dequantise, then one bf16 matrix product
+    x = torch.randn(1, 40, 896)  # prompt-sized: dequantise, then one matrix product in the prompt dtype
     y = layer(x)
     assert layer._path == "own"
-    expected = torch.nn.functional.linear(x.bfloat16(), layer.dequantize()).float()
+    expected = torch.nn.functional.linear(x.to(dtype), layer.dequantize(dtype)).float()
     assert torch.equal(y, expected)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from qwenlm import QwenForCausalLM
 from qwenlm.checkpoint import load_model, load_tokenizer
 from qwenlm.quant import Int4Linear, Int8Linear, quantize
+from qwenlm.quant import linear as linear_module
 from qwenlm.quant.linear import fit_int4_groups
 from qwenlm.quant.saving import quantize_checkpoint
 from tests.builders import tiny_checkpoint
@@ -25,6 +26,27 @@ def test_kernel_path_equals_dequantised_matmul(cls, rows):
     x = torch.randn(2, rows, 128)
     expected = (x.bfloat16() @ q.dequantize().t()).float() + linear.bias
     torch.testing.assert_close(q(x), expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prompts_multiply_in_the_prompt_dtype(cls, dtype, monkeypatch):
+    """Prompt-sized inputs: the dequantised weight times the input, both in ``prompt_dtype`` (bf16 where
+    matrix units multiply it, fp32 on CPUs without them)."""
+    monkeypatch.setattr(linear_module, "prompt_dtype", lambda device: dtype)
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96, bias=True)
+    q = cls.from_linear(lin)
+    x = torch.randn(2, 20, 128)
+    expected = torch.nn.functional.linear(x.to(dtype), q.dequantize(dtype)).float() + lin.bias
+    torch.testing.assert_close(q(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("amx,dtype", [(True, torch.bfloat16), (False, torch.float32)])
+def test_prompt_dtype_follows_the_cpu(amx, dtype, monkeypatch):
+    monkeypatch.setattr(linear_module, "CPU_HAS_AMX", amx)
+    assert linear_module.prompt_dtype(torch.device("cpu")) == dtype
+    assert linear_module.prompt_dtype(torch.device("cuda")) == torch.bfloat16
 
 
 @pytest.mark.parametrize("cls,tol", [(Int8Linear, 0.01), (Int4Linear, 0.15)])

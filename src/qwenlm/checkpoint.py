@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .allocator import keep_freed_memory
 from .config import QwenConfig
 from .generation.config import GenerationConfig
 from .model import QwenForCausalLM
@@ -250,6 +251,8 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if device.type == "cpu":
+        keep_freed_memory()  # prompts reuse freed blocks instead of page-faulting fresh ones (see allocator)
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import read_gguf
 

@@ -5,7 +5,7 @@ PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrice
 the hardware, and multiplies them on the VNNI byte dot-product unit with activations split into two int8
 parts per block of 32 (llama.cpp's Q8 blocks plus their rounding residual: ~15 bits, so decoding through it
 scores text as well as the bf16 matmul does; see benchmarks/RESULTS.md). The same file dequantises the
-weights to bf16 in one pass for prompt-sized products (``int4_dequant``).
+weights to bf16 or fp32 in one pass for prompt-sized products (``int4_dequant``).
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
 seconds; cached afterwards) and needs ``ninja`` (``pip install ninja``, in the ``demo`` and ``cpu-kernel``
 extras). Without AVX-512 VNNI, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` uses
@@ -22,7 +22,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("int4_cpu.cpp")
 NAME = "qwenlm_int4_cpu"
-FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp"]
+FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-ffp-contract=off"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 
 SWITCHED_OFF = "switched off by QWENLM_CPU_KERNEL=0"
@@ -30,7 +30,8 @@ SWITCHED_OFF = "switched off by QWENLM_CPU_KERNEL=0"
 _state: dict[str, object] = {}
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -45,7 +46,7 @@ def _build() -> str | None:
     """Compile and load the kernel; None on success, else the reason it is not used."""
     if os.environ.get("QWENLM_CPU_KERNEL", "1") == "0":
         return SWITCHED_OFF
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     try:
@@ -68,8 +69,9 @@ def _build() -> str | None:
         return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("qwenlm_cpu::int4_dequant")
-    def _(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-        return packed.new_empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.bfloat16)
+    def _(packed: torch.Tensor, scales_zeros: torch.Tensor, float32: bool = False) -> torch.Tensor:
+        dtype = torch.float32 if float32 else torch.bfloat16
+        return packed.new_empty(packed.shape[0], 2 * packed.shape[1], dtype=dtype)
 
     return None
 
@@ -97,7 +99,10 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor)
     return torch.ops.qwenlm_cpu.int4_gemv(x, packed, scales_zeros)
 
 
-def int4_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """The int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero) as a bf16 (N, K) matrix, equal to
-    ``Int4Linear.dequantize()`` bit for bit, in one pass (for prompt-sized products)."""
-    return torch.ops.qwenlm_cpu.int4_dequant(packed, scales_zeros)
+def int4_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero) as an (N, K) matrix of ``dtype``
+    (bf16 or fp32), equal to ``Int4Linear.dequantize(dtype)`` bit for bit, in one pass (for prompt-sized
+    products)."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"int4_dequant makes bfloat16 or float32 weights, not {dtype}")
+    return torch.ops.qwenlm_cpu.int4_dequant(packed, scales_zeros, dtype == torch.float32)

@@ -1,5 +1,5 @@
 // 4-bit weight x few-row activation product for x86 CPUs with AVX-512 VNNI (qwenlm.quant.cpu_kernel), and
-// the weights dequantised to bf16 in one pass for prompt-sized products (int4_dequant, at the end).
+// the weights dequantised to bf16 (or fp32) in one pass for prompt-sized products (int4_dequant, at the end).
 //
 // Weights: Int4Linear's own layout, (N, K/2) bytes, weight 2i of a row in the low nibble of byte i, 2i+1 in
 // the high one; per group of 32 weights a bf16 scale s and zero z, w = (q - 8) * s + z, passed as (N, G, 2).
@@ -196,17 +196,19 @@ inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi3
 
 inline __m512 bf16_to_ps(uint16_t h) { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(h) << 16)); }
 
-// The weights as a bf16 (N, K) matrix for prompt-sized products: exactly Int4Linear.dequantize() in bf16,
-// ((q - 8) * s) rounded to bf16, + z rounded to bf16, as PyTorch's bf16 element-wise ops round, in one pass.
-at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz) {
+// The weights as an (N, K) matrix for prompt-sized products, in one pass, exactly Int4Linear.dequantize():
+// in bf16 ((q - 8) * s) rounded to bf16, + z rounded to bf16, as PyTorch's bf16 element-wise ops round; with
+// float32 the same two steps in fp32 (built with -ffp-contract=off: a fused multiply-add would round once).
+at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz, bool float32) {
   check_weights("int4_dequant", packed, sz);
   const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / kGroup;
   const at::Tensor codes = packed.contiguous();
   const at::Tensor scales = sz.contiguous();
-  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kBFloat16));
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(float32 ? at::kFloat : at::kBFloat16));
   const uint8_t* w = codes.data_ptr<uint8_t>();
   const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  uint16_t* y = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  uint16_t* y = float32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* yf = float32 ? out.data_ptr<float>() : nullptr;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     const __m128i low4 = _mm_set1_epi8(0x0F);
     const __m512 eight = _mm512_set1_ps(8.f);
@@ -218,9 +220,13 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz) {
         for (int half = 0; half < 2; ++half) {  // weights 0-15 (bytes 0-7), then 16-31 (bytes 8-15)
           const __m128i q8 = half == 0 ? _mm_unpacklo_epi8(lo, hi) : _mm_unpackhi_epi8(lo, hi);
           const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), eight);
-          const __m512 v = round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(q, sc)), ze));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * k + g * kGroup + half * 16),
-                              _mm512_cvtepi32_epi16(bf16_bits(v)));
+          const int64_t at_ = r * k + g * kGroup + half * 16;
+          if (float32) {
+            _mm512_storeu_ps(yf + at_, _mm512_add_ps(_mm512_mul_ps(q, sc), ze));
+          } else {
+            const __m512 v = round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(q, sc)), ze));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + at_), _mm512_cvtepi32_epi16(bf16_bits(v)));
+          }
         }
       }
     }
@@ -232,7 +238,7 @@ at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz) {
 
 TORCH_LIBRARY(qwenlm_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor");
-  m.def("int4_dequant(Tensor packed, Tensor scales_zeros) -> Tensor");
+  m.def("int4_dequant(Tensor packed, Tensor scales_zeros, bool float32=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {

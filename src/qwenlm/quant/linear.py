@@ -5,8 +5,9 @@
   ``aten._weight_int4pack_mm`` on CUDA).
 
 Activations run through the kernels in bf16 (the CPU kernels are slow with fp32 activations) and come back
-in the caller's dtype. For many rows at once (prefill) the weight is dequantised to bf16 once per call and
-multiplied on the matrix units instead: matrix-vector kernels are for decoding, matrix products for prompts.
+in the caller's dtype. For many rows at once (prefill) the weight is dequantised once per call and multiplied
+in one matrix product instead (in ``prompt_dtype``: bf16 where matrix units multiply it, else fp32):
+matrix-vector kernels are for decoding, matrix products for prompts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
 OWN_KERNEL_ROWS = 4  # qwenlm's int4 CPU kernel below this many rows (bandwidth-bound); PyTorch's from here on
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # 4-bit fitting works on this many weights at a time (bounded memory)
 SCALE_STEPS = tuple(x / 5 for x in range(-5, 6))  # offsets to the 15 steps of a group's range that are tried
+
+
+# read once at import, so that compiled passes see a constant
+CPU_HAS_AMX = "amx_bf16" in cpu_kernel.cpu_flags()
+
+
+def prompt_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of prompt-sized products with dequantised weights: bf16 on GPUs and on CPUs with AMX, whose
+    matrix units multiply it several times faster than fp32; fp32 on other CPUs, where oneDNN's bf16 products
+    (AVX-512 BF16 at best) are slower than MKL's fp32 ones (0.16 vs 0.22 TFLOP/s on 2 cores without AMX,
+    benchmarks/RESULTS.md)."""
+    if device.type != "cpu" or CPU_HAS_AMX:
+        return KERNEL_DTYPE
+    return torch.float32
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -90,16 +105,17 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
+        x2 = x.reshape(-1, shape[-1])
         if x.device.type != "cpu":
             # int8 -> bf16 inside the product, the scale after it: torch.compile fuses the conversion into
             # the matrix-vector kernel, so decoding reads one byte per weight (PyTorch's own CUDA int8
             # kernel is a naive fp32 one)
-            y = F.linear(x2, self.weight.to(KERNEL_DTYPE)) * self.scales
+            y = F.linear(x2.to(KERNEL_DTYPE), self.weight.to(KERNEL_DTYPE)) * self.scales
         elif x2.shape[0] >= PREFILL_ROWS:
-            y = F.linear(x2, self.dequantize())
+            dtype = prompt_dtype(x.device)
+            y = F.linear(x2.to(dtype), self.dequantize(dtype))
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.weight, self.scales)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -235,10 +251,11 @@ class Int4Linear(nn.Module):
         if self._path == "own" and (rows < OWN_KERNEL_ROWS or (rows < PREFILL_ROWS and self._packed is None)):
             y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk)  # rounds x itself: no bf16 step
             return self._finish(y, x, shape)
-        x2 = x2.to(KERNEL_DTYPE)
         if rows >= PREFILL_ROWS or self._path == "matmul":
-            y = F.linear(x2, self._dequantized())
-        elif x.device.type == "cpu":
+            dtype = prompt_dtype(x.device)
+            return self._finish(F.linear(x2.to(dtype), self._dequantized(dtype)), x, shape)
+        x2 = x2.to(KERNEL_DTYPE)
+        if x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group_size,
                                                            self.scales_and_zeros)  # fmt: skip
         else:
@@ -246,11 +263,11 @@ class Int4Linear(nn.Module):
                                                    self.scales_and_zeros)  # fmt: skip
         return self._finish(y, x, shape)
 
-    def _dequantized(self) -> torch.Tensor:
-        """``dequantize()`` for a prompt-sized product: in one pass with qwenlm's CPU kernel where it runs."""
+    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """``dequantize(dtype)`` for a prompt-sized product: in one pass with qwenlm's CPU kernel where it runs."""
         if self._path == "own":
-            return cpu_kernel.int4_dequant(self.qweight, self._scales_nk)
-        return self.dequantize()
+            return cpu_kernel.int4_dequant(self.qweight, self._scales_nk, dtype)
+        return self.dequantize(dtype)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)

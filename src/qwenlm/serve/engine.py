@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import threading
 import time
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenlm.allocator import release_freed_memory
 from qwenlm.chat.stream import StreamDecoder
 from qwenlm.generation.processors import Temperature
 from qwenlm.serve.batch import Batch
@@ -110,26 +109,13 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator) 
 
 
 def _release_memory() -> None:
-    """Return freed heap pages to the system (glibc ``malloc_trim``; elsewhere nothing).
+    """Return freed heap pages to the system.
 
     Every step allocates tensors whose sizes change with the batch (logits are rows x vocabulary), and
     glibc keeps the freed heap: a soak run's resident memory crept up by ~40 MiB a minute without this,
     all of it given back by a trim.
     """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()
+    release_freed_memory()
 
 
 class Engine:

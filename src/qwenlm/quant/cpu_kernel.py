@@ -14,6 +14,7 @@ PyTorch's kernel; ``status()`` says which and why.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -30,16 +31,17 @@ SWITCHED_OFF = "switched off by QWENLM_CPU_KERNEL=0"
 _state: dict[str, object] = {}
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read); read once."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _build() -> str | None:

@@ -24,7 +24,11 @@ from qwenlm.generation.processors import Temperature
 from qwenlm.serve.batch import Batch
 
 log = logging.getLogger("qwenlm.serve")
-TRIM_EVERY_S = 10.0  # how often the worker hands freed heap memory back to the system (see _release_memory)
+# How often the worker hands freed heap memory back to the system. Every step allocates tensors whose sizes
+# change with the batch (logits are rows x vocabulary), and glibc keeps the freed heap (all the more with
+# allocator.keep_freed_memory): a soak run's resident memory crept up by ~40 MiB a minute without trimming,
+# all of it given back by a trim.
+TRIM_EVERY_S = 10.0
 PREFILL_TOKENS = 4096  # requests joining together are prefilled in groups of at most this many padded tokens
 
 
@@ -106,16 +110,6 @@ def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator) 
     cdf = kept.cumsum(0)
     draw = torch.rand((), generator=generator, device=probs.device, dtype=torch.float64) * cdf[-1]
     return int(ids[int(torch.searchsorted(cdf, draw.reshape(1)).clamp(max=kept.numel() - 1))])
-
-
-def _release_memory() -> None:
-    """Return freed heap pages to the system.
-
-    Every step allocates tensors whose sizes change with the batch (logits are rows x vocabulary), and
-    glibc keeps the freed heap: a soak run's resident memory crept up by ~40 MiB a minute without this,
-    all of it given back by a trim.
-    """
-    release_freed_memory()
 
 
 class Engine:
@@ -222,7 +216,7 @@ class Engine:
                     if self._active:
                         self._step()
                     if time.monotonic() - self._trimmed > TRIM_EVERY_S:
-                        _release_memory()
+                        release_freed_memory()
                         self._trimmed = time.monotonic()
                 except Exception as e:  # a model failure must not kill the server: fail these requests
                     log.exception("decode step failed")

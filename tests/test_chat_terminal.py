@@ -61,6 +61,33 @@ class Terminal:
     def send(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
+    def wait_until_reading_keys(self, timeout: float = 60) -> None:
+        """Wait until the child's main thread sleeps waiting for a key.
+
+        CPython's ``input()`` with readline checks for a signal only when its wait for a key is interrupted: a
+        Ctrl-C that lands while readline is still handling the keys before it is noticed only when the next
+        line is entered. A person sees the line echoed long before pressing Ctrl-C; a test must wait for the
+        same moment. Where the kernel does not say what a process waits in, a quiet second stands in for it.
+        """
+        deadline = time.monotonic() + timeout
+        wchan = f"/proc/{self.pid}/task/{self.pid}/wchan"
+        try:
+            with open(wchan) as f:
+                readable = f.read() not in ("", "0")
+        except OSError:
+            readable = False
+        if not readable:
+            while self.read(1.0):
+                assert time.monotonic() < deadline, f"never quiet; the screen shows:\n{self.screen[-2000:]!r}"
+            return
+        while True:
+            with open(wchan) as f:
+                waiting_in = f.read()
+            if "poll" in waiting_in or "select" in waiting_in:
+                return
+            assert time.monotonic() < deadline, f"never waited for a key; the screen shows:\n{self.screen[-2000:]!r}"
+            self.read(0.05)
+
     def type(self, line: str, *expected: str) -> None:
         """Type ``line`` and Enter, expect each of ``expected`` in order, then the next prompt."""
         self.send(line + "\r")
@@ -118,6 +145,7 @@ def test_commands_history_and_ctrl_d(ckpt, terminal):
     t.type("/frobnicate", "(unknown command /frobnicate)")
     t.send("half a line")
     t.expect("half a line")  # echoed: the line editor is reading keys
+    t.wait_until_reading_keys()
     t.send("\x03")  # Ctrl-C while typing: a fresh prompt, still running
     t.expect(">>> ")
     t.type("/history", "(no conversation yet)")

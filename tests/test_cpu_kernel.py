@@ -1,6 +1,6 @@
-"""qwenlm's AVX-512 VNNI int4 kernel (``quant.cpu_kernel``): exact on int8-representable activations,
-close to the dequantised product otherwise, used by ``Int4Linear`` where it applies, traceable by
-torch.compile, and bypassed cleanly where it cannot be used."""
+"""qwenlm's AVX-512 VNNI int4 and int8 kernels (``quant.cpu_kernel``): exact on int8-representable
+activations, close to the dequantised product otherwise, used by ``Int4Linear`` and ``Int8Linear`` where they
+apply, traceable by torch.compile, and bypassed cleanly where they cannot be used."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from qwenlm.quant import Int4Linear, cpu_kernel, linear
+from qwenlm.quant import Int4Linear, Int8Linear, cpu_kernel, linear
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4 CPU kernel: {cpu_kernel.status()}")
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4/int8 CPU kernels: {cpu_kernel.status()}")
 
 
 def _layer(k: int, n: int, seed: int = 0) -> Int4Linear:
@@ -22,15 +22,26 @@ def _layer(k: int, n: int, seed: int = 0) -> Int4Linear:
     return Int4Linear.from_linear(nn.Linear(k, n, bias=False))
 
 
+def _int8_layer(k: int, n: int, bias: bool = False) -> Int8Linear:
+    torch.manual_seed(0)
+    return Int8Linear.from_linear(nn.Linear(k, n, bias=bias))
+
+
+def _int8_blocks(rows: int, k: int) -> torch.Tensor:
+    """Activations the kernels' rounding leaves alone: integers in each block of 32 with a maximum of 127."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-127, 128, (rows, k), generator=g).float()
+    x.view(rows, -1, 32)[..., 0] = 127.0  # every block's maximum is 127: scale exactly 1
+    return x
+
+
 @needs_kernel
-@pytest.mark.parametrize("k,n,rows", [(64, 16, 1), (128, 48, 3), (896, 160, 15)])
+@pytest.mark.parametrize("k,n,rows", [(64, 16, 1), (128, 48, 3), (192, 24, 2), (896, 160, 15), (960, 33, 5)])
 def test_exact_when_activations_are_int8_blocks(k, n, rows):
     """Activations already on an int8 grid (each block of 32 holds integers with a maximum of 127) are not
     changed by the kernel's rounding, so it must equal the dequantised product up to fp32 summation."""
     layer = _layer(k, n)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(-127, 128, (rows, k), generator=g).float()
-    x.view(rows, -1, 32)[..., 0] = 127.0  # every block's maximum is 127: scale exactly 1
+    x = _int8_blocks(rows, k)
     got = cpu_kernel.int4_gemv(x, layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous())
     expected = x.double() @ layer.dequantize(torch.float32).double().t()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
@@ -48,6 +59,35 @@ def test_close_to_the_dequantised_product_and_used_by_int4linear():
     x8 = torch.randn(8, 896)
     own = cpu_kernel.int4_gemv(x8, layer.qweight, layer._scales_nk)
     torch.testing.assert_close(layer(x8), own, atol=0.05, rtol=0.02)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n,rows", [(32, 5, 1), (64, 16, 2), (96, 20, 3), (896, 160, 15), (960, 33, 5)])
+def test_int8_exact_when_activations_are_int8_blocks(k, n, rows):
+    """The same for int8 weights: a last half line of weights (K = 32, 96, 960) reads as zeros."""
+    layer = _int8_layer(k, n)
+    x = _int8_blocks(rows, k)
+    got = cpu_kernel.int8_gemv(x, layer.weight, layer.scales)
+    expected = x.double() @ layer.dequantize(torch.float32).double().t()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+@needs_kernel
+def test_int8_close_to_the_dequantised_product_and_used_by_int8linear(monkeypatch):
+    layer = _int8_layer(896, 1152, bias=True)
+    x = torch.randn(2, 1, 896)
+    calls = []
+    kernel = cpu_kernel.int8_gemv
+    monkeypatch.setattr(cpu_kernel, "int8_gemv", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    y = layer(x)
+    assert layer._own and calls == [(2, 896)]
+    ref = x.reshape(2, 896) @ layer.dequantize(torch.float32).t() + layer.bias
+    assert ((y.reshape(2, -1) - ref).norm() / ref.norm()).item() < 1e-4  # ~15-bit activations, exact int8 sums
+    # from OWN_KERNEL_ROWS rows on, PyTorch's kernel (bf16 activations); both agree
+    x8 = torch.randn(8, 896)
+    own = kernel(x8, layer.weight, layer.scales) + layer.bias
+    torch.testing.assert_close(layer(x8), own, atol=0.05, rtol=0.02)
+    assert len(calls) == 1
 
 
 @needs_kernel
@@ -81,11 +121,12 @@ def test_prompts_use_the_one_pass_dequantisation(dtype, monkeypatch):
 
 
 @needs_kernel
-def test_compiles_as_one_graph():
-    layer = _layer(128, 64)
+@pytest.mark.parametrize("make", [_layer, _int8_layer])
+def test_compiles_as_one_graph(make):
+    layer = make(128, 64)
     layer.prepare()
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
-    for rows in (1, 40):  # the matrix-vector kernel, then the one-pass dequantisation of a prompt
+    for rows in (1, 40):  # the matrix-vector kernel, then the prompt's matrix product
         x = torch.randn(rows, 128)
         torch.testing.assert_close(compiled(x), layer(x))
 
@@ -94,11 +135,18 @@ def test_bypassed_where_it_does_not_apply():
     layer = _layer(96, 32)  # 96 input features: not a multiple of 64
     layer.prepare()
     assert layer._path == "packed"
+    odd = _int8_layer(40, 8)  # 40 input features: not a multiple of 32
+    odd.prepare()
+    assert odd._own is False
+    assert odd(torch.randn(1, 40)).shape == (1, 8)  # PyTorch's kernel
     cpu_kernel.set_enabled(False)
     try:
         other = _layer(128, 32)
         other.prepare()
         assert other._path == "packed"
+        other8 = _int8_layer(128, 32)
+        other8.prepare()
+        assert other8._own is False
     finally:
         cpu_kernel.set_enabled(True)
 
@@ -115,3 +163,7 @@ def test_moving_a_layer_chooses_its_kernel_again():
     layer.prepare()
     layer.to(torch.float32)  # any _apply drops the device-specific layouts
     assert layer._path is None and layer._scales_nk is None and layer._packed is None
+    layer8 = _int8_layer(128, 32)
+    layer8.prepare()
+    layer8.to(torch.float32)
+    assert layer8._own is None

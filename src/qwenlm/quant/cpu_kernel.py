@@ -1,15 +1,16 @@
-"""qwenlm's own int4 decoding kernel for x86 CPUs with AVX-512 VNNI (``int4_cpu.cpp``).
+"""qwenlm's own int4 and int8 decoding kernels for x86 CPUs with AVX-512 VNNI (``cpu_kernels.cpp``).
 
 PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrices of a small model at batch
-1; this kernel reads the weights in ``Int4Linear``'s own layout, prefetches ahead of
-the hardware, and multiplies them on the VNNI byte dot-product unit with activations split into two int8
-parts per block of 32 (llama.cpp's Q8 blocks plus their rounding residual: ~15 bits, so decoding through it
-scores text as well as the bf16 matmul does; see benchmarks/RESULTS.md). The same file dequantises the
-weights to bf16 or fp32 in one pass for prompt-sized products (``int4_dequant``).
+1, its ``_weight_int8pack_mm`` ~7 GB/s; these kernels read the weights in ``Int4Linear``'s and
+``Int8Linear``'s own layouts, prefetch ahead of the hardware, and multiply them on the VNNI byte dot-product
+unit with activations split into two int8 parts per block of 32 (llama.cpp's Q8 blocks plus their rounding
+residual: ~15 bits, so decoding through them scores text as well as the bf16 matmul does; see
+benchmarks/RESULTS.md). The same file dequantises int4 weights to bf16 or fp32 in one pass for prompt-sized
+products (``int4_dequant``).
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
 seconds; cached afterwards) and needs ``ninja`` (``pip install ninja``, in the ``demo`` and ``cpu-kernel``
-extras). Without AVX-512 VNNI, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` uses
-PyTorch's kernel; ``status()`` says which and why.
+extras). Without AVX-512 VNNI, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` and
+``Int8Linear`` use PyTorch's kernels; ``status()`` says which and why.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("int4_cpu.cpp")
-NAME = "qwenlm_int4_cpu"
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+NAME = "qwenlm_cpu_kernels"
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-ffp-contract=off"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 
@@ -60,7 +61,7 @@ def _build() -> str | None:
     try:
         built = Path(cpp_extension._get_build_directory(NAME, False)) / f"{NAME}.so"
         if not built.exists():
-            print("qwenlm: compiling the int4 CPU kernel (once, a few seconds)", file=sys.stderr)
+            print("qwenlm: compiling the int4/int8 CPU kernels (once, a few seconds)", file=sys.stderr)
         cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False,
                            verbose=False)  # fmt: skip
     except Exception as e:  # no compiler, headers, ...: the PyTorch kernel still works
@@ -75,6 +76,10 @@ def _build() -> str | None:
         dtype = torch.float32 if float32 else torch.bfloat16
         return packed.new_empty(packed.shape[0], 2 * packed.shape[1], dtype=dtype)
 
+    @torch.library.register_fake("qwenlm_cpu::int8_gemv")
+    def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
     return None
 
 
@@ -83,7 +88,7 @@ def status() -> str:
     if "reason" not in _state:
         _state["reason"] = _build()
         if _state["reason"] not in (None, SWITCHED_OFF):  # a deliberate switch needs no notice
-            print(f"qwenlm: int4 CPU kernel not used: {_state['reason']}; using PyTorch's", file=sys.stderr)
+            print(f"qwenlm: int4/int8 CPU kernels not used: {_state['reason']}; using PyTorch's", file=sys.stderr)
     return "available" if _state["reason"] is None else str(_state["reason"])
 
 
@@ -99,6 +104,12 @@ def set_enabled(enabled: bool) -> None:
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     """``x`` (M <= 16, K) times the int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero): (M, N) fp32."""
     return torch.ops.qwenlm_cpu.int4_gemv(x, packed, scales_zeros)
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x`` (M <= 16, K, K a multiple of 32) times int8 weights (N, K) with one scale per output row (N,):
+    (M, N) fp32."""
+    return torch.ops.qwenlm_cpu.int8_gemv(x, weight, scales)
 
 
 def int4_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -22,7 +22,7 @@ from . import cpu_kernel
 
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
-OWN_KERNEL_ROWS = 4  # qwenlm's int4 CPU kernel below this many rows (bandwidth-bound); PyTorch's from here on
+OWN_KERNEL_ROWS = 4  # qwenlm's int4/int8 CPU kernels below this many rows (bandwidth-bound); PyTorch's from here on
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # 4-bit fitting works on this many weights at a time (bounded memory)
 SCALE_STEPS = tuple(x / 5 for x in range(-5, 6))  # offsets to the 15 steps of a group's range that are tried
 
@@ -87,6 +87,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=KERNEL_DTYPE, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        self._own: bool | None = None  # decode through cpu_kernel.int8_gemv; chosen by prepare()
+
+    def prepare(self) -> None:
+        """Choose the decoding kernel for the weights' device now, not inside the first compiled pass:
+        qwenlm's own AVX-512 VNNI kernel on CPUs that have it (``cpu_kernel``), else PyTorch's."""
+        self._own = self.weight.device.type == "cpu" and self.in_features % 32 == 0 and cpu_kernel.available()
+
+    def _apply(self, fn, recurse=True):  # moved or cast: choose again for the new device
+        self._own = None
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -106,6 +116,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if self._own is None:
+            self.prepare()
         if x.device.type != "cpu":
             # int8 -> bf16 inside the product, the scale after it: torch.compile fuses the conversion into
             # the matrix-vector kernel, so decoding reads one byte per weight (PyTorch's own CUDA int8
@@ -114,6 +126,8 @@ class Int8Linear(nn.Module):
         elif x2.shape[0] >= PREFILL_ROWS:
             dtype = prompt_dtype(x.device)
             y = F.linear(x2.to(dtype), self.dequantize(dtype))
+        elif x2.shape[0] < OWN_KERNEL_ROWS and self._own:
+            y = cpu_kernel.int8_gemv(x2, self.weight, self.scales)  # rounds x itself: no bf16 step
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.weight, self.scales)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -1,0 +1,377 @@
+// 4-bit and 8-bit weight x few-row activation products for x86 CPUs with AVX-512 VNNI
+// (qwenlm.quant.cpu_kernel): int4_gemv, int8_gemv; and the int4 weights dequantised to bf16 (or fp32) in one
+// pass for prompt-sized products (int4_dequant, at the end).
+//
+// int4 weights: Int4Linear's own layout, (N, K/2) bytes, weight 2i of a row in the low nibble of byte i, 2i+1 in
+// the high one; per group of 32 weights a bf16 scale s and zero z, w = (q - 8) * s + z, passed as (N, G, 2).
+// Activations are split per block of 32 into two int8 parts, x = d (xq + xr / 256) with d = max|x| / 127
+// (xq as llama.cpp's Q8 blocks, xr the rounding residual: ~15 bits in all, so the activations lose about
+// what bf16 loses), and a group's sum  sum_j x_j (q_j s + z - 8 s)  becomes
+// s d / 256 (256 q.xq + q.xr)  +  (z - 8 s) sum_j x_j : the dot products are 64 byte products per VNNI
+// instruction, the second term uses the exact block sum of x.
+// Four groups (128 weights, one 64-byte cache line of codes) go through two 512-bit registers per step:
+//   lo = the low nibbles of the 64 bytes (even positions), hi = the high nibbles (odd positions)
+// so that dpbusd's 4-byte lane l of either belongs to group l / 4 of the four; the activations are stored
+// once per call in the matching order (per four groups: their even positions, 16 each, then the odd ones).
+// A last step with fewer than four groups loads its codes and scales masked (zeros beyond the row) and
+// meets zero activations there.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kStep = 4;  // groups per step: one cache line of codes
+constexpr int64_t kMaxRows = 16;
+constexpr int64_t kAheadBytes = 8192;  // prefetch distance in weight bytes
+
+struct Activations {
+  int64_t steps;             // ceil(groups / 4)
+  std::vector<int8_t> xq;    // (M, steps, 128) int8, in the register order above
+  std::vector<int8_t> xr;    // the same for the rounding residual, in steps of 1/256 of xq's
+  std::vector<float> dx;     // (M, steps, 16): per lane, the int8 scale of the lane's group
+  std::vector<float> xs;     // (M, steps, 16): [-8 sum_g, sum_g] per group against [s_g, z_g]; 8 zeros
+};
+
+Activations prepare(const float* x, int64_t m_rows, int64_t k) {
+  const int64_t groups = k / kGroup;
+  Activations a;
+  a.steps = (groups + kStep - 1) / kStep;
+  a.xq.resize(m_rows * a.steps * 128);  // zeros: the groups past the row's end of a last short step
+  a.xr.resize(m_rows * a.steps * 128);
+  a.dx.resize(m_rows * a.steps * 16);
+  a.xs.resize(m_rows * a.steps * 16);
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512 k256 = _mm512_set1_ps(256.f);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at_ = m * a.steps + g / kStep, h = g % kStep;
+      int8_t* q = a.xq.data() + at_ * 128;
+      int8_t* r = a.xr.data() + at_ * 128;
+      const float* xg = x + m * k + g * kGroup;
+      const __m512 v0 = _mm512_loadu_ps(xg), v1 = _mm512_loadu_ps(xg + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      // x / d = xq + xr / 256 (round to nearest, the default mode; saturated to int8): about 15 bits
+      const __m512 fe = _mm512_mul_ps(_mm512_permutex2var_ps(v0, evens, v1), inv);
+      const __m512 fo = _mm512_mul_ps(_mm512_permutex2var_ps(v0, odds, v1), inv);
+      const __m512i e = _mm512_cvtps_epi32(fe), o = _mm512_cvtps_epi32(fo);
+      const __m512i re = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(fe, _mm512_cvtepi32_ps(e)), k256));
+      const __m512i ro = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(fo, _mm512_cvtepi32_ps(o)), k256));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + h * 16), _mm512_cvtsepi32_epi8(e));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 64 + h * 16), _mm512_cvtsepi32_epi8(o));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(r + h * 16), _mm512_cvtsepi32_epi8(re));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(r + 64 + h * 16), _mm512_cvtsepi32_epi8(ro));
+      const float scale = amax / 127.f / 256.f;  // the combined sum below is in steps of d / 256
+      float* d = a.dx.data() + at_ * 16;
+      for (int64_t l = 0; l < 4; ++l) d[h * 4 + l] = scale;
+      float* s = a.xs.data() + at_ * 16;
+      s[2 * h] = -8.f * sum;
+      s[2 * h + 1] = sum;
+    }
+  }
+  return a;
+}
+
+// One step (four groups) of R weight rows against M activation rows, accumulated into acc; Masked: the
+// row's last groups, fewer than four (codes and scales past them read as zeros).
+template <int M, int R, bool Masked>
+inline void step(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k, int64_t n, int64_t row0,
+                 int64_t ahead, int64_t t, __mmask64 code_mask, __mmask8 scale_mask, __m512 (&acc)[R][M]) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  // [s_g, z_g, ...] of four groups: lanes 4h..4h+3 take s of group h
+  const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  const int64_t row_bytes = k / 2, row_scales = (k / kGroup) * 2;
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = row0 + r;
+    const uint8_t* wp = w + row * row_bytes + t * 64;
+    const uint16_t* sp = s + row * row_scales + t * 8;
+    // the rows a few blocks ahead: more loads in flight than the hardware prefetcher starts by itself
+    const int64_t later = std::min(row + ahead, n - 1);
+    _mm_prefetch(reinterpret_cast<const char*>(w + later * row_bytes + t * 64), _MM_HINT_T0);
+    if ((t & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + later * row_scales + t * 8), _MM_HINT_T0);
+    const __m512i v = Masked ? _mm512_maskz_loadu_epi8(code_mask, wp) : _mm512_loadu_si512(wp);
+    const __m512i lo = _mm512_and_si512(v, low4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    const __m128i raw = Masked ? _mm_maskz_loadu_epi16(scale_mask, sp) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(sp));
+    const __m512 sz = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_zextsi256_si512(_mm256_cvtepu16_epi32(raw)), 16));
+    const __m512 sv = _mm512_permutexvar_ps(spread, sz);
+    for (int m = 0; m < M; ++m) {  // the activations of step t come from L1 (few KB per call)
+      const int64_t at_ = m * act.steps + t;
+      const int8_t* xq = act.xq.data() + at_ * 128;
+      const int8_t* xr = act.xr.data() + at_ * 128;
+      // 256 * (q . xq) + (q . xr): at most 8 * 15 * 127 * 257 per lane, far inside int32
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
+      dot = _mm512_slli_epi32(_mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 64)), 8);
+      dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(xr)), hi, _mm512_loadu_si512(xr + 64));
+      const __m512 c = _mm512_mul_ps(sv, _mm512_loadu_ps(act.dx.data() + at_ * 16));
+      acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), c, acc[r][m]);
+      acc[r][m] = _mm512_fmadd_ps(sz, _mm512_loadu_ps(act.xs.data() + at_ * 16), acc[r][m]);  // (z - 8 s) sum
+    }
+  }
+}
+
+// R weight rows at a time (independent chains for the out-of-order core), M activation rows with their
+// accumulators in registers (M and R fixed at compile time).
+template <int M, int R>
+void rows(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k, int64_t n, int64_t row0,
+          int64_t ahead, float* y) {
+  const int64_t groups = k / kGroup, full = groups / kStep, left = groups % kStep;
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < full; ++t) step<M, R, false>(w, s, act, k, n, row0, ahead, t, 0, 0, acc);
+  if (left) {
+    const __mmask64 codes = (__mmask64(1) << (16 * left)) - 1;  // 16 bytes per group
+    const __mmask8 scales = static_cast<__mmask8>((1u << (2 * left)) - 1);  // 2 bf16 per group
+    step<M, R, true>(w, s, act, k, n, row0, ahead, full, codes, scales, acc);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int M>
+void all_rows(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k, int64_t n, float* y) {
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  const int64_t ahead = std::max<int64_t>(R, kAheadBytes / (k / 2));  // rows
+  at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row0 = b * R;
+      if (row0 + R <= n) {
+        rows<M, R>(w, s, act, k, n, row0, ahead, y);
+      } else {
+        for (int64_t row = row0; row < n; ++row) rows<M, 1>(w, s, act, k, n, row, ahead, y);
+      }
+    }
+  });
+}
+
+// The weights both functions take: (N, K/2) uint8 codes and (N, K/32, 2) bf16 scales and zeros.
+void check_weights(const char* name, const at::Tensor& packed, const at::Tensor& sz) {
+  TORCH_CHECK(packed.dim() == 2 && sz.dim() == 3, name, ": packed (N, K/2), sz (N, K/32, 2)");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16, name, ": uint8 codes, bf16 scales");
+  TORCH_CHECK(sz.size(0) == packed.size(0) && sz.size(1) * kGroup == packed.size(1) * 2 && sz.size(2) == 2,
+              name, ": scales must be (N, K/32, 2)");
+}
+
+at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz) {
+  check_weights("int4_gemv", packed, sz);
+  TORCH_CHECK(x_in.dim() == 2, "int4_gemv: x (M, K)");
+  const int64_t m_rows = x_in.size(0), k = x_in.size(1), n = packed.size(0);
+  TORCH_CHECK(k % (2 * kGroup) == 0 && packed.size(1) * 2 == k, "int4_gemv: K must be a multiple of 64 and match the codes");
+  TORCH_CHECK(m_rows >= 1 && m_rows <= kMaxRows, "int4_gemv: 1 to 16 rows");
+  // rows padded with zeros up to 1, 2, 4, 8 or 16 (one compiled loop each); zero rows cost no weight reads
+  const int64_t padded = m_rows == 1 ? 1 : m_rows <= 2 ? 2 : m_rows <= 4 ? 4 : m_rows <= 8 ? 8 : 16;
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  if (padded != m_rows) x = at::cat({x, at::zeros({padded - m_rows, k}, x.options())});
+  const at::Tensor codes = packed.contiguous();
+  const at::Tensor scales = sz.contiguous();
+  at::Tensor out = at::empty({padded, n}, x.options());
+  const Activations act = prepare(x.data_ptr<float>(), padded, k);
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  float* y = out.data_ptr<float>();
+  switch (padded) {
+    case 1: all_rows<1>(w, s, act, k, n, y); break;
+    case 2: all_rows<2>(w, s, act, k, n, y); break;
+    case 4: all_rows<4>(w, s, act, k, n, y); break;
+    case 8: all_rows<8>(w, s, act, k, n, y); break;
+    default: all_rows<16>(w, s, act, k, n, y); break;
+  }
+  return padded == m_rows ? out : out.narrow(0, 0, m_rows).contiguous();
+}
+
+// int8 weights: Int8Linear's own, (N, K) int8 in -127..127 with one bf16 scale per output row. The activations
+// are split in two int8 parts per block of 32 as above; a 64-byte line of weights covers two blocks, dpbusd's
+// lanes 0-7 the first and 8-15 the second, in the natural order. dpbusd multiplies unsigned by signed bytes:
+// the weights go in as w + 128 (one xor), and 128 times each lane's activation sum, known per call, is
+// taken off in int32, so every lane holds  sum w (256 xq + xr)  exactly before its one conversion to float.
+
+struct Activations8 {
+  int64_t lines;             // ceil(K / 64)
+  std::vector<int8_t> xq;    // (M, lines * 64), zeros past K
+  std::vector<int8_t> xr;
+  std::vector<float> dx;     // (M, lines, 16): per lane, the scale of its block, in steps of d / 256
+  std::vector<int32_t> off;  // (M, lines, 16): -128 sum (256 xq + xr) over the lane's 4 bytes
+};
+
+Activations8 prepare8(const float* x, int64_t m_rows, int64_t k) {
+  const int64_t groups = k / kGroup;
+  Activations8 a;
+  a.lines = (k + 63) / 64;
+  a.xq.resize(m_rows * a.lines * 64);
+  a.xr.resize(m_rows * a.lines * 64);
+  a.dx.resize(m_rows * a.lines * 16);
+  a.off.resize(m_rows * a.lines * 16);
+  const __m512 k256 = _mm512_set1_ps(256.f);
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at_ = m * a.lines * 64 + g * kGroup;
+      const float* xg = x + m * k + g * kGroup;
+      const __m512 v0 = _mm512_loadu_ps(xg), v1 = _mm512_loadu_ps(xg + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      for (int64_t half = 0; half < 2; ++half) {
+        const __m512 f = _mm512_mul_ps(half ? v1 : v0, inv);
+        const __m512i q = _mm512_cvtps_epi32(f);
+        const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(f, _mm512_cvtepi32_ps(q)), k256));
+        const __m128i q8 = _mm512_cvtsepi32_epi8(q), r8 = _mm512_cvtsepi32_epi8(r);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.xq.data() + at_ + half * 16), q8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.xr.data() + at_ + half * 16), r8);
+        // the saturated bytes, as the products see them, summed per 4-byte lane
+        const __m512i both = _mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepi8_epi32(q8), 8), _mm512_cvtepi8_epi32(r8));
+        alignas(64) int32_t t[16];
+        _mm512_store_si512(t, both);
+        for (int64_t l = 0; l < 4; ++l) {
+          const int64_t lane = (g % 2) * 8 + half * 4 + l;
+          a.off[(m * a.lines + g / 2) * 16 + lane] = -128 * (t[4 * l] + t[4 * l + 1] + t[4 * l + 2] + t[4 * l + 3]);
+        }
+      }
+      const float scale = amax / 127.f / 256.f;
+      for (int64_t l = 0; l < 8; ++l) a.dx[(m * a.lines + g / 2) * 16 + (g % 2) * 8 + l] = scale;
+    }
+  }
+  return a;
+}
+
+template <int M, int R>
+void rows8(const int8_t* w, const Activations8& act, int64_t k, int64_t n, int64_t row0, int64_t ahead, float* acc_out) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __mmask64 tail = (k % 64) ? (__mmask64(1) << (k % 64)) - 1 : ~__mmask64(0);
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < act.lines; ++t) {
+    const bool last = t == act.lines - 1;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wp = w + (row0 + r) * k + t * 64;
+      _mm_prefetch(reinterpret_cast<const char*>(w + std::min(row0 + r + ahead, n - 1) * k + t * 64), _MM_HINT_T0);
+      // past K (a last line of one block) the masked load reads zeros, which meet zero activations
+      const __m512i u = _mm512_xor_si512(last ? _mm512_maskz_loadu_epi8(tail, wp) : _mm512_loadu_si512(wp), flip);
+      for (int m = 0; m < M; ++m) {
+        const int64_t at_ = (m * act.lines + t);
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(act.xq.data() + at_ * 64));
+        dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 8), _mm512_loadu_si512(act.off.data() + at_ * 16));
+        dot = _mm512_dpbusd_epi32(dot, u, _mm512_loadu_si512(act.xr.data() + at_ * 64));
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(act.dx.data() + at_ * 16), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc_out[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int M>
+void all_rows8(const int8_t* w, const Activations8& act, int64_t k, int64_t n, float* y) {
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  const int64_t ahead = std::max<int64_t>(R, kAheadBytes / k);  // rows
+  at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row0 = b * R;
+      if (row0 + R <= n) {
+        rows8<M, R>(w, act, k, n, row0, ahead, y);
+      } else {
+        for (int64_t row = row0; row < n; ++row) rows8<M, 1>(w, act, k, n, row, ahead, y);
+      }
+    }
+  });
+}
+
+at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_gemv: weight (N, K) int8");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0), "int8_gemv: scales (N,)");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == weight.size(1), "int8_gemv: x (M, K) against weight (N, K)");
+  const int64_t m_rows = x_in.size(0), k = x_in.size(1), n = weight.size(0);
+  TORCH_CHECK(k % kGroup == 0, "int8_gemv: K must be a multiple of 32");
+  TORCH_CHECK(m_rows >= 1 && m_rows <= kMaxRows, "int8_gemv: 1 to 16 rows");
+  const int64_t padded = m_rows == 1 ? 1 : m_rows <= 2 ? 2 : m_rows <= 4 ? 4 : m_rows <= 8 ? 8 : 16;
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  if (padded != m_rows) x = at::cat({x, at::zeros({padded - m_rows, k}, x.options())});
+  const at::Tensor wc = weight.contiguous();
+  at::Tensor out = at::empty({padded, n}, x.options());
+  const Activations8 act = prepare8(x.data_ptr<float>(), padded, k);
+  const int8_t* w = wc.data_ptr<int8_t>();
+  float* y = out.data_ptr<float>();
+  switch (padded) {
+    case 1: all_rows8<1>(w, act, k, n, y); break;
+    case 2: all_rows8<2>(w, act, k, n, y); break;
+    case 4: all_rows8<4>(w, act, k, n, y); break;
+    case 8: all_rows8<8>(w, act, k, n, y); break;
+    default: all_rows8<16>(w, act, k, n, y); break;
+  }
+  out = out.mul_(scales.to(at::kFloat));  // the row's scale, once per output
+  return padded == m_rows ? out : out.narrow(0, 0, m_rows).contiguous();
+}
+
+// fp32 -> bf16 bits, round to nearest even (as c10::BFloat16 does for finite values), in the low 16 bits
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+}
+
+inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
+
+inline __m512 bf16_to_ps(uint16_t h) { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(h) << 16)); }
+
+// The weights as an (N, K) matrix for prompt-sized products, in one pass, exactly Int4Linear.dequantize():
+// in bf16 ((q - 8) * s) rounded to bf16, + z rounded to bf16, as PyTorch's bf16 element-wise ops round; with
+// float32 the same two steps in fp32 (built with -ffp-contract=off: a fused multiply-add would round once).
+at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz, bool float32) {
+  check_weights("int4_dequant", packed, sz);
+  const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / kGroup;
+  const at::Tensor codes = packed.contiguous();
+  const at::Tensor scales = sz.contiguous();
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(float32 ? at::kFloat : at::kBFloat16));
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  uint16_t* y = float32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* yf = float32 ? out.data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m512 eight = _mm512_set1_ps(8.f);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * k / 2 + g * 16));
+        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+        const __m512 sc = bf16_to_ps(s[(r * groups + g) * 2]), ze = bf16_to_ps(s[(r * groups + g) * 2 + 1]);
+        for (int half = 0; half < 2; ++half) {  // weights 0-15 (bytes 0-7), then 16-31 (bytes 8-15)
+          const __m128i q8 = half == 0 ? _mm_unpacklo_epi8(lo, hi) : _mm_unpackhi_epi8(lo, hi);
+          const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), eight);
+          const int64_t at_ = r * k + g * kGroup + half * 16;
+          if (float32) {
+            _mm512_storeu_ps(yf + at_, _mm512_add_ps(_mm512_mul_ps(q, sc), ze));
+          } else {
+            const __m512 v = round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(q, sc)), ze));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + at_), _mm512_cvtepi32_epi16(bf16_bits(v)));
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qwenlm_cpu, m) {
+  m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor");
+  m.def("int4_dequant(Tensor packed, Tensor scales_zeros, bool float32=False) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_dequant", &int4_dequant);
+  m.impl("int8_gemv", &int8_gemv);
+}

@@ -7,6 +7,7 @@ from the history) or clears the line being typed; Ctrl-D or ``/exit`` leaves.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ def run_chat(
     if read is input:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and recall for input())
+        # Ctrl-C is this loop's key even when the process was started with SIGINT ignored (as a shell's
+        # background job, or under nohup), which Python would otherwise leave so
+        with contextlib.suppress(ValueError):  # not the main thread: the caller owns the signals
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     talk = Conversation(system)
     say = lambda text: print(text, file=out, flush=True)
     say(f"qwenlm chat: {HELP}")

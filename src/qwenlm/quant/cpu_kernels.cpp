@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,6 +33,23 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kStep = 4;  // groups per step: one cache line of codes
 constexpr int64_t kMaxRows = 16;
 constexpr int64_t kAheadBytes = 8192;  // prefetch distance in weight bytes
+
+// 16 activations of a block as the block's two int8 parts: x / d = xq + xr / 256 (round to nearest, the
+// default mode; saturated to int8), about 15 bits; inv = 1 / d
+inline void split(__m512 v, __m512 inv, int8_t* xq, int8_t* xr) {
+  const __m512 f = _mm512_mul_ps(v, inv);
+  const __m512i q = _mm512_cvtps_epi32(f);
+  const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(f, _mm512_cvtepi32_ps(q)), _mm512_set1_ps(256.f)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq), _mm512_cvtsepi32_epi8(q));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xr), _mm512_cvtsepi32_epi8(r));
+}
+
+// a block's largest magnitude, and 1 / d = 127 / that (0 for an all-zero block)
+inline float block_max(__m512 v0, __m512 v1, __m512* inv) {
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  *inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  return amax;
+}
 
 struct Activations {
   int64_t steps;             // ceil(groups / 4)
@@ -51,7 +69,6 @@ Activations prepare(const float* x, int64_t m_rows, int64_t k) {
   a.xs.resize(m_rows * a.steps * 16);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  const __m512 k256 = _mm512_set1_ps(256.f);
   for (int64_t m = 0; m < m_rows; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at_ = m * a.steps + g / kStep, h = g % kStep;
@@ -59,19 +76,11 @@ Activations prepare(const float* x, int64_t m_rows, int64_t k) {
       int8_t* r = a.xr.data() + at_ * 128;
       const float* xg = x + m * k + g * kGroup;
       const __m512 v0 = _mm512_loadu_ps(xg), v1 = _mm512_loadu_ps(xg + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      __m512 inv;
+      const float amax = block_max(v0, v1, &inv);
       const float sum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
-      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      // x / d = xq + xr / 256 (round to nearest, the default mode; saturated to int8): about 15 bits
-      const __m512 fe = _mm512_mul_ps(_mm512_permutex2var_ps(v0, evens, v1), inv);
-      const __m512 fo = _mm512_mul_ps(_mm512_permutex2var_ps(v0, odds, v1), inv);
-      const __m512i e = _mm512_cvtps_epi32(fe), o = _mm512_cvtps_epi32(fo);
-      const __m512i re = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(fe, _mm512_cvtepi32_ps(e)), k256));
-      const __m512i ro = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(fo, _mm512_cvtepi32_ps(o)), k256));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + h * 16), _mm512_cvtsepi32_epi8(e));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 64 + h * 16), _mm512_cvtsepi32_epi8(o));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(r + h * 16), _mm512_cvtsepi32_epi8(re));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(r + 64 + h * 16), _mm512_cvtsepi32_epi8(ro));
+      split(_mm512_permutex2var_ps(v0, evens, v1), inv, q + h * 16, r + h * 16);
+      split(_mm512_permutex2var_ps(v0, odds, v1), inv, q + 64 + h * 16, r + 64 + h * 16);
       const float scale = amax / 127.f / 256.f;  // the combined sum below is in steps of d / 256
       float* d = a.dx.data() + at_ * 16;
       for (int64_t l = 0; l < 4; ++l) d[h * 4 + l] = scale;
@@ -140,20 +149,43 @@ void rows(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k
     for (int m = 0; m < M; ++m) y[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+// weight rows per call of rows<M, R>: 4, 2 or 1 as the M activation rows' accumulators fill the registers
 template <int M>
-void all_rows(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k, int64_t n, float* y) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
-  const int64_t ahead = std::max<int64_t>(R, kAheadBytes / (k / 2));  // rows
+constexpr int kRowsAtOnce = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+
+// The N weight rows in blocks of R over the threads; a last partial block row by row.
+template <int R, typename Block, typename Row>
+void over_rows(int64_t n, const Block& block, const Row& row) {
   at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row0 = b * R;
       if (row0 + R <= n) {
-        rows<M, R>(w, s, act, k, n, row0, ahead, y);
+        block(row0);
       } else {
-        for (int64_t row = row0; row < n; ++row) rows<M, 1>(w, s, act, k, n, row, ahead, y);
+        for (int64_t r = row0; r < n; ++r) row(r);
       }
     }
   });
+}
+
+// The activations (M, K) as fp32, padded with zero rows up to 1, 2, 4, 8 or 16 (one compiled loop each;
+// zero rows cost no weight reads); run(x, std::integral_constant<int, padded>) makes the (padded, N) output.
+template <typename Run>
+at::Tensor padded_rows(const char* name, const at::Tensor& x_in, const Run& run) {
+  const int64_t m_rows = x_in.size(0), k = x_in.size(1);
+  TORCH_CHECK(m_rows >= 1 && m_rows <= kMaxRows, name, ": 1 to 16 rows");
+  const int64_t padded = m_rows == 1 ? 1 : m_rows <= 2 ? 2 : m_rows <= 4 ? 4 : m_rows <= 8 ? 8 : 16;
+  at::Tensor x = x_in.to(at::kFloat).contiguous();
+  if (padded != m_rows) x = at::cat({x, at::zeros({padded - m_rows, k}, x.options())});
+  at::Tensor out;
+  switch (padded) {
+    case 1: out = run(x, std::integral_constant<int, 1>{}); break;
+    case 2: out = run(x, std::integral_constant<int, 2>{}); break;
+    case 4: out = run(x, std::integral_constant<int, 4>{}); break;
+    case 8: out = run(x, std::integral_constant<int, 8>{}); break;
+    default: out = run(x, std::integral_constant<int, 16>{}); break;
+  }
+  return padded == m_rows ? out : out.narrow(0, 0, m_rows).contiguous();
 }
 
 // The weights both functions take: (N, K/2) uint8 codes and (N, K/32, 2) bf16 scales and zeros.
@@ -167,28 +199,22 @@ void check_weights(const char* name, const at::Tensor& packed, const at::Tensor&
 at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz) {
   check_weights("int4_gemv", packed, sz);
   TORCH_CHECK(x_in.dim() == 2, "int4_gemv: x (M, K)");
-  const int64_t m_rows = x_in.size(0), k = x_in.size(1), n = packed.size(0);
+  const int64_t k = x_in.size(1), n = packed.size(0);
   TORCH_CHECK(k % (2 * kGroup) == 0 && packed.size(1) * 2 == k, "int4_gemv: K must be a multiple of 64 and match the codes");
-  TORCH_CHECK(m_rows >= 1 && m_rows <= kMaxRows, "int4_gemv: 1 to 16 rows");
-  // rows padded with zeros up to 1, 2, 4, 8 or 16 (one compiled loop each); zero rows cost no weight reads
-  const int64_t padded = m_rows == 1 ? 1 : m_rows <= 2 ? 2 : m_rows <= 4 ? 4 : m_rows <= 8 ? 8 : 16;
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  if (padded != m_rows) x = at::cat({x, at::zeros({padded - m_rows, k}, x.options())});
   const at::Tensor codes = packed.contiguous();
   const at::Tensor scales = sz.contiguous();
-  at::Tensor out = at::empty({padded, n}, x.options());
-  const Activations act = prepare(x.data_ptr<float>(), padded, k);
   const uint8_t* w = codes.data_ptr<uint8_t>();
   const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  float* y = out.data_ptr<float>();
-  switch (padded) {
-    case 1: all_rows<1>(w, s, act, k, n, y); break;
-    case 2: all_rows<2>(w, s, act, k, n, y); break;
-    case 4: all_rows<4>(w, s, act, k, n, y); break;
-    case 8: all_rows<8>(w, s, act, k, n, y); break;
-    default: all_rows<16>(w, s, act, k, n, y); break;
-  }
-  return padded == m_rows ? out : out.narrow(0, 0, m_rows).contiguous();
+  return padded_rows("int4_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
+    constexpr int M = decltype(rows_m)::value, R = kRowsAtOnce<M>;
+    at::Tensor out = at::empty({M, n}, x.options());
+    const Activations act = prepare(x.data_ptr<float>(), M, k);
+    const int64_t ahead = std::max<int64_t>(R, kAheadBytes / (k / 2));  // rows
+    float* y = out.data_ptr<float>();
+    over_rows<R>(n, [&](int64_t row0) { rows<M, R>(w, s, act, k, n, row0, ahead, y); },
+                 [&](int64_t row) { rows<M, 1>(w, s, act, k, n, row, ahead, y); });
+    return out;
+  });
 }
 
 // int8 weights: Int8Linear's own, (N, K) int8 in -127..127 with one bf16 scale per output row. The activations
@@ -213,22 +239,20 @@ Activations8 prepare8(const float* x, int64_t m_rows, int64_t k) {
   a.xr.resize(m_rows * a.lines * 64);
   a.dx.resize(m_rows * a.lines * 16);
   a.off.resize(m_rows * a.lines * 16);
-  const __m512 k256 = _mm512_set1_ps(256.f);
   for (int64_t m = 0; m < m_rows; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at_ = m * a.lines * 64 + g * kGroup;
       const float* xg = x + m * k + g * kGroup;
       const __m512 v0 = _mm512_loadu_ps(xg), v1 = _mm512_loadu_ps(xg + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m512 inv;
+      const float amax = block_max(v0, v1, &inv);
       for (int64_t half = 0; half < 2; ++half) {
-        const __m512 f = _mm512_mul_ps(half ? v1 : v0, inv);
-        const __m512i q = _mm512_cvtps_epi32(f);
-        const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(f, _mm512_cvtepi32_ps(q)), k256));
-        const __m128i q8 = _mm512_cvtsepi32_epi8(q), r8 = _mm512_cvtsepi32_epi8(r);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.xq.data() + at_ + half * 16), q8);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(a.xr.data() + at_ + half * 16), r8);
+        int8_t* q = a.xq.data() + at_ + half * 16;
+        int8_t* r = a.xr.data() + at_ + half * 16;
+        split(half ? v1 : v0, inv, q, r);
         // the saturated bytes, as the products see them, summed per 4-byte lane
+        const __m128i q8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        const __m128i r8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r));
         const __m512i both = _mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepi8_epi32(q8), 8), _mm512_cvtepi8_epi32(r8));
         alignas(64) int32_t t[16];
         _mm512_store_si512(t, both);
@@ -271,46 +295,25 @@ void rows8(const int8_t* w, const Activations8& act, int64_t k, int64_t n, int64
     for (int m = 0; m < M; ++m) acc_out[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int M>
-void all_rows8(const int8_t* w, const Activations8& act, int64_t k, int64_t n, float* y) {
-  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
-  const int64_t ahead = std::max<int64_t>(R, kAheadBytes / k);  // rows
-  at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row0 = b * R;
-      if (row0 + R <= n) {
-        rows8<M, R>(w, act, k, n, row0, ahead, y);
-      } else {
-        for (int64_t row = row0; row < n; ++row) rows8<M, 1>(w, act, k, n, row, ahead, y);
-      }
-    }
-  });
-}
-
 at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_gemv: weight (N, K) int8");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0), "int8_gemv: scales (N,)");
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == weight.size(1), "int8_gemv: x (M, K) against weight (N, K)");
-  const int64_t m_rows = x_in.size(0), k = x_in.size(1), n = weight.size(0);
+  const int64_t k = x_in.size(1), n = weight.size(0);
   TORCH_CHECK(k % kGroup == 0, "int8_gemv: K must be a multiple of 32");
-  TORCH_CHECK(m_rows >= 1 && m_rows <= kMaxRows, "int8_gemv: 1 to 16 rows");
-  const int64_t padded = m_rows == 1 ? 1 : m_rows <= 2 ? 2 : m_rows <= 4 ? 4 : m_rows <= 8 ? 8 : 16;
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  if (padded != m_rows) x = at::cat({x, at::zeros({padded - m_rows, k}, x.options())});
   const at::Tensor wc = weight.contiguous();
-  at::Tensor out = at::empty({padded, n}, x.options());
-  const Activations8 act = prepare8(x.data_ptr<float>(), padded, k);
   const int8_t* w = wc.data_ptr<int8_t>();
-  float* y = out.data_ptr<float>();
-  switch (padded) {
-    case 1: all_rows8<1>(w, act, k, n, y); break;
-    case 2: all_rows8<2>(w, act, k, n, y); break;
-    case 4: all_rows8<4>(w, act, k, n, y); break;
-    case 8: all_rows8<8>(w, act, k, n, y); break;
-    default: all_rows8<16>(w, act, k, n, y); break;
-  }
-  out = out.mul_(scales.to(at::kFloat));  // the row's scale, once per output
-  return padded == m_rows ? out : out.narrow(0, 0, m_rows).contiguous();
+  const at::Tensor row_scales = scales.to(at::kFloat);
+  return padded_rows("int8_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
+    constexpr int M = decltype(rows_m)::value, R = kRowsAtOnce<M>;
+    at::Tensor out = at::empty({M, n}, x.options());
+    const Activations8 act = prepare8(x.data_ptr<float>(), M, k);
+    const int64_t ahead = std::max<int64_t>(R, kAheadBytes / k);  // rows
+    float* y = out.data_ptr<float>();
+    over_rows<R>(n, [&](int64_t row0) { rows8<M, R>(w, act, k, n, row0, ahead, y); },
+                 [&](int64_t row) { rows8<M, 1>(w, act, k, n, row, ahead, y); });
+    return out.mul_(row_scales);  // the row's scale, once per output
+  });
 }
 
 // fp32 -> bf16 bits, round to nearest even (as c10::BFloat16 does for finite values), in the low 16 bits

@@ -4,7 +4,7 @@ PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrice
 1, its ``_weight_int8pack_mm`` ~7 GB/s; these kernels read the weights in ``Int4Linear``'s and
 ``Int8Linear``'s own layouts, prefetch ahead of the hardware, and multiply them on the VNNI byte dot-product
 unit with activations split into two int8 parts per block of 32 (llama.cpp's Q8 blocks plus their rounding
-residual: ~15 bits, so decoding through them scores text as well as the bf16 matmul does; see
+residual: ~15 bits; int4 decoding through it scored text as well as the bf16 matmul, see
 benchmarks/RESULTS.md). The same file dequantises int4 weights to bf16 or fp32 in one pass for prompt-sized
 products (``int4_dequant``).
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -33,6 +34,13 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kStep = 4;  // groups per step: one cache line of codes
 constexpr int64_t kMaxRows = 16;
 constexpr int64_t kAheadBytes = 8192;  // prefetch distance in weight bytes
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // 16 activations of a block as the block's two int8 parts: x / d = xq + xr / 256 (round to nearest, the
 // default mode; saturated to int8), about 15 bits; inv = 1 / d
@@ -269,7 +277,8 @@ Activations8 prepare8(const float* x, int64_t m_rows, int64_t k) {
 }
 
 template <int M, int R>
-void rows8(const int8_t* w, const Activations8& act, int64_t k, int64_t n, int64_t row0, int64_t ahead, float* acc_out) {
+void rows8(const int8_t* w, const uint16_t* scales, const Activations8& act, int64_t k, int64_t n, int64_t row0,
+           int64_t ahead, float* y) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __mmask64 tail = (k % 64) ? (__mmask64(1) << (k % 64)) - 1 : ~__mmask64(0);
   __m512 acc[R][M];
@@ -291,8 +300,10 @@ void rows8(const int8_t* w, const Activations8& act, int64_t k, int64_t n, int64
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc_out[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+  for (int r = 0; r < R; ++r) {  // the row's bf16 scale, once per output
+    const float scale = bf16_to_float(scales[row0 + r]);
+    for (int m = 0; m < M; ++m) y[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]) * scale;
+  }
 }
 
 at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales) {
@@ -301,18 +312,20 @@ at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& weight, const at:
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == weight.size(1), "int8_gemv: x (M, K) against weight (N, K)");
   const int64_t k = x_in.size(1), n = weight.size(0);
   TORCH_CHECK(k % kGroup == 0, "int8_gemv: K must be a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16, "int8_gemv: bf16 scales");
   const at::Tensor wc = weight.contiguous();
+  const at::Tensor sc = scales.contiguous();
   const int8_t* w = wc.data_ptr<int8_t>();
-  const at::Tensor row_scales = scales.to(at::kFloat);
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>());
   return padded_rows("int8_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
     constexpr int M = decltype(rows_m)::value, R = kRowsAtOnce<M>;
     at::Tensor out = at::empty({M, n}, x.options());
     const Activations8 act = prepare8(x.data_ptr<float>(), M, k);
     const int64_t ahead = std::max<int64_t>(R, kAheadBytes / k);  // rows
     float* y = out.data_ptr<float>();
-    over_rows<R>(n, [&](int64_t row0) { rows8<M, R>(w, act, k, n, row0, ahead, y); },
-                 [&](int64_t row) { rows8<M, 1>(w, act, k, n, row, ahead, y); });
-    return out.mul_(row_scales);  // the row's scale, once per output
+    over_rows<R>(n, [&](int64_t row0) { rows8<M, R>(w, s, act, k, n, row0, ahead, y); },
+                 [&](int64_t row) { rows8<M, 1>(w, s, act, k, n, row, ahead, y); });
+    return out;
   });
 }
 
@@ -325,7 +338,7 @@ inline __m512i bf16_bits(__m512 v) {
 
 inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
 
-inline __m512 bf16_to_ps(uint16_t h) { return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(h) << 16)); }
+inline __m512 bf16_to_ps(uint16_t h) { return _mm512_set1_ps(bf16_to_float(h)); }
 
 // The weights as an (N, K) matrix for prompt-sized products, in one pass, exactly Int4Linear.dequantize():
 // in bf16 ((q - 8) * s) rounded to bf16, + z rounded to bf16, as PyTorch's bf16 element-wise ops round; with

@@ -1,13 +1,14 @@
-"""Weight-only quantised linear layers on PyTorch's own packed-weight kernels.
+"""Weight-only quantised linear layers.
 
 - ``Int8Linear``: per-output-channel symmetric int8 (``aten._weight_int8pack_mm``).
 - ``Int4Linear``: group-wise asymmetric 4-bit (``aten._weight_int4pack_mm_for_cpu`` on CPU,
   ``aten._weight_int4pack_mm`` on CUDA).
 
-Activations run through the kernels in bf16 (the CPU kernels are slow with fp32 activations) and come back
-in the caller's dtype. For many rows at once (prefill) the weight is dequantised once per call and multiplied
-in one matrix product instead (in ``prompt_dtype``: bf16 where matrix units multiply it, else fp32):
-matrix-vector kernels are for decoding, matrix products for prompts.
+Both decode (a few rows) through qwenlm's own kernels on CPUs with AVX-512 VNNI (``cpu_kernel``), which
+round fp32 activations themselves; PyTorch's kernels above get them in bf16 (they are slow with fp32 ones).
+Results come back in the caller's dtype. For many rows at once (prefill) the weight is dequantised once per
+call and multiplied in one matrix product instead (in ``prompt_dtype``: bf16 where matrix units multiply it,
+else fp32): matrix-vector kernels are for decoding, matrix products for prompts.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""qwenlm's AVX-512 VNNI int4 and int8 kernels (``quant.cpu_kernel``): exact on int8-representable
-activations, close to the dequantised product otherwise, used by ``Int4Linear`` and ``Int8Linear`` where they
-apply, traceable by torch.compile, and bypassed cleanly where they cannot be used."""
+"""qwenlm's AVX-512 VNNI int4 and int8 kernels (``quant.cpu_kernel``) and its int8 prompt product: exact on
+activations their rounding leaves alone, within that rounding otherwise, used by ``Int4Linear`` and
+``Int8Linear`` where they apply, traceable by torch.compile, and bypassed cleanly where they cannot be used."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from qwenlm.quant import Int4Linear, Int8Linear, cpu_kernel, linear
+from qwenlm.quant import Int4Linear, Int8Linear, cpu_kernel
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4/int8 CPU kernels: {cpu_kernel.status()}")
 
@@ -90,34 +90,108 @@ def test_int8_close_to_the_dequantised_product_and_used_by_int8linear(monkeypatc
     assert len(calls) == 1
 
 
+def _two_part_rows(rows: int, k: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations the prompt product's rounding leaves alone, x = d (a + b / 256) with integers a, b in
+    -127..127 and each row's maximum exactly 127 d; returns x, a, b (d = 2^-3: exact in fp32)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-126, 127, (rows, k), generator=g).double()
+    b = torch.randint(-127, 128, (rows, k), generator=g).double()
+    a[:, 0], b[:, 0] = 127.0, 0.0
+    return ((a + b / 256) / 8).float(), a, b
+
+
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k,n,rows", [(32, 5, 16), (33, 7, 20), (896, 160, 17), (4864, 24, 3)])
+def test_int8_matmul_exact_when_activations_are_two_int8_parts(k, n, rows):
+    """Activation rows already of the form d (xq + xr / 256) pass the splitting unchanged; the int8 product
+    is exact in int32, so the result is the exact product up to fp32 rounding of the combination."""
+    x, a, b = _two_part_rows(rows, k)
+    w = _int8_layer(k, n).weight
+    scales = torch.rand(n) + 0.5
+    got = cpu_kernel.int8_matmul(x, w, scales)
+    expected = (a @ w.double().t() + b @ w.double().t() / 256) / 8 * scales.double()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [64, 896, 4864])
+def test_int8_matmul_error_is_within_the_rounding_of_the_two_parts(k):
+    """Any activations: each one is off by at most d / 512 (d = the row's max / 127), so each output by at
+    most d / 512 times the weights' absolute row sum times the scale."""
+    torch.manual_seed(4)
+    x = torch.randn(40, k)
+    x[3] *= 0  # an all-zero row
+    x[5, 7] = 300.0  # an outlier: that row's steps get coarse
+    w = _int8_layer(k, 48).weight
+    scales = torch.rand(48) + 0.5
+    got = cpu_kernel.int8_matmul(x, w, scales).double()
+    exact = x.double() @ w.double().t() * scales.double()
+    d = x.double().abs().amax(dim=1, keepdim=True) / 127
+    bound = d / 512 * w.double().abs().sum(dim=1) * scales.double() * 1.001 + 1e-6 * exact.abs()
+    assert ((got - exact).abs() <= bound).all()
+    assert torch.equal(got[3], torch.zeros(48, dtype=torch.float64))
+
+
+@needs_kernel
+def test_int8_matmul_rows_are_independent_across_its_blocks():
+    """Rows go through the int8 product 256 at a time; each row's result is the same whatever it shares a
+    block with, and a NaN or an infinity makes only its own row NaN (as in a float product)."""
+    torch.manual_seed(5)
+    x = torch.randn(600, 96)
+    w = _int8_layer(96, 40).weight
+    scales = torch.rand(40)
+    at_once = cpu_kernel.int8_matmul(x, w, scales)
+    pieces = torch.cat([cpu_kernel.int8_matmul(x[i : i + 7], w, scales) for i in range(0, 600, 7)])
+    assert torch.equal(at_once, pieces)
+    x[10, 3], x[300, 0] = float("nan"), float("inf")
+    bad = cpu_kernel.int8_matmul(x, w, scales)
+    assert bad[10].isnan().all() and bad[300].isnan().all()
+    keep = [i for i in range(600) if i not in (10, 300)]
+    assert torch.equal(bad[keep], at_once[keep])
+
+
+@needs_kernel
+def test_int8_matmul_checks_its_arguments():
+    w = _int8_layer(64, 8).weight
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernel.int8_matmul(torch.randn(20, 64), w, torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="int8"):
+        cpu_kernel.int8_matmul(torch.randn(20, 64), w.float(), torch.ones(8))
+    with pytest.raises(RuntimeError, match=r"x \(M, K\)"):
+        cpu_kernel.int8_matmul(torch.randn(20, 32), w, torch.ones(8))
+
+
+@needs_kernel
 @pytest.mark.parametrize("k,n", [(32, 3), (896, 160)])
-def test_dequantised_in_one_pass_equals_dequantize_bit_for_bit(k, n, dtype):
+def test_int4_weights_as_int8_rows(k, n):
+    """Each row in 127 steps of its largest magnitude: within half a step of the fp32 dequantisation."""
     layer = _layer(k, n)
-    with torch.no_grad():  # scales spanning many magnitudes, so that every rounding step matters
+    with torch.no_grad():  # rows of very different magnitudes
         layer.scales_and_zeros.mul_(torch.logspace(-3, 3, n)[None, :, None].bfloat16())
-    got = cpu_kernel.int4_dequant(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous(), dtype)
-    assert got.dtype == dtype
-    assert torch.equal(got, layer.dequantize(dtype))
-
-
-def test_dequantisation_dtype_is_checked():
-    layer = _layer(64, 16)
-    with pytest.raises(ValueError, match="float16"):
-        cpu_kernel.int4_dequant(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous(), torch.float16)
+    w8, scale = cpu_kernel.int4_to_int8(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous())
+    deq = layer.dequantize(torch.float32)
+    assert w8.dtype == torch.int8 and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, deq.abs().amax(dim=1) / 127, rtol=1e-6, atol=0)
+    assert ((w8.float() * scale[:, None] - deq).abs() <= scale[:, None] * (0.5 + 1e-4)).all()
+    assert w8.abs().amax(dim=1).eq(127).all()
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_prompts_use_the_one_pass_dequantisation(dtype, monkeypatch):
-    monkeypatch.setattr(linear, "prompt_dtype", lambda device: dtype)
-    layer = _layer(896, 160)
-    x = torch.randn(1, 40, 896)  # prompt-sized: dequantise, then one matrix product in the prompt dtype
+@pytest.mark.parametrize("make,tol", [(_int8_layer, 1e-4), (_layer, 1e-2)])
+def test_prompts_go_through_the_int8_product(make, tol, monkeypatch):
+    """Prompt-sized inputs (PREFILL_ROWS rows or more) take the int8 matrix product: close to the
+    dequantised fp32 product (int4: plus the rounding of its weights to int8 rows)."""
+    layer = make(896, 160)
+    calls = []
+    product = cpu_kernel.int8_matmul
+    monkeypatch.setattr(cpu_kernel, "int8_matmul", lambda *a: calls.append(a[0].shape) or product(*a))
+    x = torch.randn(2, 20, 896)
     y = layer(x)
-    assert layer._path == "own"
-    expected = torch.nn.functional.linear(x.to(dtype), layer.dequantize(dtype)).float()
-    assert torch.equal(y, expected)
+    assert calls == [(40, 896)]
+    ref = x @ layer.dequantize(torch.float32).t()
+    assert ((y - ref).norm() / ref.norm()).item() < tol
+    layer(x[:, :1])  # decoding rows do not
+    assert len(calls) == 1
 
 
 @needs_kernel

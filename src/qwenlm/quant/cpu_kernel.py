@@ -5,8 +5,8 @@ PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrice
 ``Int8Linear``'s own layouts, prefetch ahead of the hardware, and multiply them on the VNNI byte dot-product
 unit with activations split into two int8 parts per block of 32 (llama.cpp's Q8 blocks plus their rounding
 residual: ~15 bits; int4 decoding through it scored text as well as the bf16 matmul, see
-benchmarks/RESULTS.md). The same file dequantises int4 weights to bf16 or fp32 in one pass for prompt-sized
-products (``int4_dequant``).
+benchmarks/RESULTS.md). For prompt-sized products it splits activation rows the same way for PyTorch's int8
+matrix product (``int8_matmul``; int4 weights go in as int8 rows, ``int4_to_int8``).
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
 seconds; cached afterwards) and needs ``ninja`` (``pip install ninja``, in the ``demo`` and ``cpu-kernel``
 extras). Without AVX-512 VNNI, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` and
@@ -71,14 +71,18 @@ def _build() -> str | None:
     def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
-    @torch.library.register_fake("qwenlm_cpu::int4_dequant")
-    def _(packed: torch.Tensor, scales_zeros: torch.Tensor, float32: bool = False) -> torch.Tensor:
-        dtype = torch.float32 if float32 else torch.bfloat16
-        return packed.new_empty(packed.shape[0], 2 * packed.shape[1], dtype=dtype)
-
     @torch.library.register_fake("qwenlm_cpu::int8_gemv")
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("qwenlm_cpu::int8_matmul")
+    def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("qwenlm_cpu::int4_to_int8")
+    def _(packed: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, half_k = packed.shape
+        return packed.new_empty(n, 2 * half_k, dtype=torch.int8), packed.new_empty(n, dtype=torch.float32)
 
     return None
 
@@ -112,10 +116,16 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     return torch.ops.qwenlm_cpu.int8_gemv(x, weight, scales)
 
 
-def int4_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero) as an (N, K) matrix of ``dtype``
-    (bf16 or fp32), equal to ``Int4Linear.dequantize(dtype)`` bit for bit, in one pass (for prompt-sized
-    products)."""
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"int4_dequant makes bfloat16 or float32 weights, not {dtype}")
-    return torch.ops.qwenlm_cpu.int4_dequant(packed, scales_zeros, dtype == torch.float32)
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, K) times int8 weights (N, K) with an fp32 scale per output row (N,): (M, N) fp32, for
+    prompt-sized M. Each activation row becomes two int8 parts with one scale, x = d (xq + xr / 256) (~15
+    bits, as in the decoding kernels), and the 2M rows go through PyTorch's int8 matrix product
+    (``torch._int_mm``: oneDNN's VNNI/AMX kernels, ~4x MKL's fp32 product on 2 cores without AMX, so ~2x with
+    the two parts), 256 rows at a time."""
+    return torch.ops.qwenlm_cpu.int8_matmul(x, weight, scales)
+
+
+def int4_to_int8(packed: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero) as int8 (N, K) with one fp32 scale
+    per row (N,), for ``int8_matmul``: each row dequantised in fp32, then rounded to steps of max|w| / 127."""
+    return torch.ops.qwenlm_cpu.int4_to_int8(packed, scales_zeros)

@@ -1,6 +1,6 @@
 // 4-bit and 8-bit weight x few-row activation products for x86 CPUs with AVX-512 VNNI
-// (qwenlm.quant.cpu_kernel): int4_gemv, int8_gemv; and the int4 weights dequantised to bf16 (or fp32) in one
-// pass for prompt-sized products (int4_dequant, at the end).
+// (qwenlm.quant.cpu_kernel): int4_gemv, int8_gemv; and prompt-sized products in int8 through PyTorch's int8
+// matrix product (int8_matmul, with int4 weights rounded to int8 rows by int4_to_int8; at the end).
 //
 // int4 weights: Int4Linear's own layout, (N, K/2) bytes, weight 2i of a row in the low nibble of byte i, 2i+1 in
 // the high one; per group of 32 weights a bf16 scale s and zero z, w = (q - 8) * s + z, passed as (N, G, 2).
@@ -25,6 +25,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -329,65 +331,158 @@ at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& weight, const at:
   });
 }
 
-// fp32 -> bf16 bits, round to nearest even (as c10::BFloat16 does for finite values), in the low 16 bits
-inline __m512i bf16_bits(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-}
-
-inline __m512 round_bf16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16)); }
-
 inline __m512 bf16_to_ps(uint16_t h) { return _mm512_set1_ps(bf16_to_float(h)); }
 
-// The weights as an (N, K) matrix for prompt-sized products, in one pass, exactly Int4Linear.dequantize():
-// in bf16 ((q - 8) * s) rounded to bf16, + z rounded to bf16, as PyTorch's bf16 element-wise ops round; with
-// float32 the same two steps in fp32 (built with -ffp-contract=off: a fused multiply-add would round once).
-at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& sz, bool float32) {
-  check_weights("int4_dequant", packed, sz);
-  const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / kGroup;
-  const at::Tensor codes = packed.contiguous();
-  const at::Tensor scales = sz.contiguous();
-  at::Tensor out = at::empty({n, k}, packed.options().dtype(float32 ? at::kFloat : at::kBFloat16));
-  const uint8_t* w = codes.data_ptr<uint8_t>();
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  uint16_t* y = float32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  float* yf = float32 ? out.data_ptr<float>() : nullptr;
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m512 eight = _mm512_set1_ps(8.f);
+// The codes of group g of a row (16 bytes at codes + 16 g) as (q - 8) in fp32: weights 0-15 and 16-31.
+inline void group_codes(const uint8_t* codes, int64_t g, __m512* q0, __m512* q1) {
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m512 eight = _mm512_set1_ps(8.f);
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
+  const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  *q0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))), eight);
+  *q1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))), eight);
+}
+
+// ---- Prompt-sized products in int8: at::_int_mm (oneDNN's VNNI or AMX matrix product) -------------------
+// A matrix product can scale only whole rows and columns, so here the activations get one scale per row,
+// d = max|x| / 127, and the same two int8 parts as above: for a block of M rows, a (2M, K) int8 matrix whose
+// rows 0..M-1 are xq and rows M..2M-1 xr; one int8 product of those 2M rows with the int8 weights (exact
+// int32 sums), then (y_q + y_r / 256) d c per output, c the weight row's scale. int4 weights go in as int8
+// with one scale per row (int4_to_int8), made per call from the codes.
+constexpr int64_t kProductRows = 256;  // activation rows per int8 product (oneDNN slows down past ~512 of them)
+
+inline __mmask16 first(int64_t count) { return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1); }
+
+// max |v| over a row, and whether it holds a NaN or an infinity
+inline float row_max(const float* v, int64_t k, bool* finite) {
+  __m512 top = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t j = 0; j < k; j += 16) {
+    const __m512 x = _mm512_maskz_loadu_ps(first(k - j), v + j);
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_NEQ_UQ);  // NaN for NaN and inf
+    top = _mm512_max_ps(top, _mm512_abs_ps(x));
+  }
+  *finite = bad == 0;
+  return _mm512_reduce_max_ps(top);
+}
+
+// rows [r0, r0 + m) of x (K wide) as the (2m, K) two-part matrix q and their scales d; a NaN or infinity
+// makes its row's scale NaN, so that the row's outputs are NaN as a float product's would be
+void split_rows(const float* x, int64_t r0, int64_t m, int64_t k, int8_t* q, float* d) {
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * k / 2 + g * 16));
-        const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-        const __m512 sc = bf16_to_ps(s[(r * groups + g) * 2]), ze = bf16_to_ps(s[(r * groups + g) * 2 + 1]);
-        for (int half = 0; half < 2; ++half) {  // weights 0-15 (bytes 0-7), then 16-31 (bytes 8-15)
-          const __m128i q8 = half == 0 ? _mm_unpacklo_epi8(lo, hi) : _mm_unpackhi_epi8(lo, hi);
-          const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8)), eight);
-          const int64_t at_ = r * k + g * kGroup + half * 16;
-          if (float32) {
-            _mm512_storeu_ps(yf + at_, _mm512_add_ps(_mm512_mul_ps(q, sc), ze));
-          } else {
-            const __m512 v = round_bf16(_mm512_add_ps(round_bf16(_mm512_mul_ps(q, sc)), ze));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + at_), _mm512_cvtepi32_epi16(bf16_bits(v)));
-          }
+      const float* row = x + (r0 + r) * k;
+      bool finite;
+      const float top = row_max(row, k, &finite);
+      d[r] = finite ? top / 127.f : std::numeric_limits<float>::quiet_NaN();
+      const __m512 inv = _mm512_set1_ps(finite && top > 0.f ? 127.f / top : 0.f);
+      int8_t* xq = q + r * k;
+      int8_t* xr = q + (m + r) * k;
+      for (int64_t j = 0; j < k; j += 16) {
+        if (j + 16 <= k) {
+          split(_mm512_loadu_ps(row + j), inv, xq + j, xr + j);
+        } else {  // the row's last few: through a buffer, not past the row's end
+          int8_t tq[16], tr[16];
+          split(_mm512_maskz_loadu_ps(first(k - j), row + j), inv, tq, tr);
+          std::memcpy(xq + j, tq, k - j);
+          std::memcpy(xr + j, tr, k - j);
         }
       }
     }
   });
+}
+
+// the (2m, N) int32 product of split_rows' matrix as m rows of fp32 outputs at y
+void combine_rows(const int32_t* prod, const float* d, const float* c, int64_t m, int64_t n, float* y) {
+  at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+    const __m512 step = _mm512_set1_ps(1.f / 256.f);
+    for (int64_t r = begin; r < end; ++r) {
+      const __m512 dr = _mm512_set1_ps(d[r]);
+      const int32_t* yq = prod + r * n;
+      const int32_t* yr = prod + (m + r) * n;
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mask = first(n - j);
+        const __m512 fq = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, yq + j));
+        const __m512 fr = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, yr + j));
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(fq, _mm512_mul_ps(fr, step)), dr),
+                                       _mm512_maskz_loadu_ps(mask, c + j));
+        _mm512_mask_storeu_ps(y + r * n + j, mask, v);
+      }
+    }
+  });
+}
+
+at::Tensor int8_matmul(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_matmul: weight (N, K) int8");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0) && scales.scalar_type() == at::kFloat,
+              "int8_matmul: scales (N,) float32");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == weight.size(1), "int8_matmul: x (M, K) against weight (N, K)");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor c = scales.contiguous();
+  const at::Tensor wt = weight.t();
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  at::Tensor out = at::empty({rows, n}, x.options());
+  const int64_t block = std::min(rows, kProductRows);
+  at::Tensor q = at::empty({2 * block, k}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({block}, x.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t m = std::min(block, rows - r0);
+    split_rows(x.data_ptr<float>(), r0, m, k, q.data_ptr<int8_t>(), d.data_ptr<float>());
+    const at::Tensor prod = at::_int_mm(q.narrow(0, 0, 2 * m), wt).contiguous();
+    combine_rows(prod.data_ptr<int32_t>(), d.data_ptr<float>(), c.data_ptr<float>(), m, n,
+                 out.data_ptr<float>() + r0 * n);
+  }
   return out;
+}
+
+// Int4 weights as int8 with one scale per row: the row dequantised in fp32 (Int4Linear.dequantize(float32)),
+// then rounded to steps of max|w| / 127 (this second rounding costs the demo model +0.1 % perplexity).
+std::tuple<at::Tensor, at::Tensor> int4_to_int8(const at::Tensor& packed, const at::Tensor& sz) {
+  check_weights("int4_to_int8", packed, sz);
+  const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / kGroup;
+  const at::Tensor codes = packed.contiguous();
+  const at::Tensor scales = sz.contiguous();
+  at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kChar));
+  at::Tensor row_scale = at::empty({n}, packed.options().dtype(at::kFloat));
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  int8_t* y = out.data_ptr<int8_t>();
+  float* rs = row_scale.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(k);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 q[2];
+        group_codes(w + r * k / 2, g, &q[0], &q[1]);
+        const __m512 sc = bf16_to_ps(s[(r * groups + g) * 2]), ze = bf16_to_ps(s[(r * groups + g) * 2 + 1]);
+        for (int half = 0; half < 2; ++half)
+          _mm512_storeu_ps(row.data() + g * kGroup + half * 16, _mm512_add_ps(_mm512_mul_ps(q[half], sc), ze));
+      }
+      bool finite;
+      const float top = row_max(row.data(), k, &finite);
+      rs[r] = finite ? top / 127.f : std::numeric_limits<float>::quiet_NaN();
+      const __m512 inv = _mm512_set1_ps(finite && top > 0.f ? 127.f / top : 0.f);
+      for (int64_t j = 0; j < k; j += 16) {
+        const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row.data() + j), inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + r * k + j), _mm512_cvtsepi32_epi8(v));
+      }
+    }
+  });
+  return {out, row_scale};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(qwenlm_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor");
-  m.def("int4_dequant(Tensor packed, Tensor scales_zeros, bool float32=False) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("int8_matmul(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("int4_to_int8(Tensor packed, Tensor scales_zeros) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
-  m.impl("int4_dequant", &int4_dequant);
   m.impl("int8_gemv", &int8_gemv);
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int4_to_int8", &int4_to_int8);
 }

@@ -6,9 +6,11 @@
 
 Both decode (a few rows) through qwenlm's own kernels on CPUs with AVX-512 VNNI (``cpu_kernel``), which
 round fp32 activations themselves; PyTorch's kernels above get them in bf16 (they are slow with fp32 ones).
-Results come back in the caller's dtype. For many rows at once (prefill) the weight is dequantised once per
-call and multiplied in one matrix product instead (in ``prompt_dtype``: bf16 where matrix units multiply it,
-else fp32): matrix-vector kernels are for decoding, matrix products for prompts.
+Results come back in the caller's dtype. Many rows at once (prefill) go through one matrix product instead:
+on those CPUs an int8 one (``cpu_kernel.int8_matmul``: the activations in two int8 parts per row, ~15 bits;
+int4 weights rounded to int8 rows per call), elsewhere the weight dequantised once per call (in
+``prompt_dtype``: bf16 where matrix units multiply it, else fp32): matrix-vector kernels are for decoding,
+matrix products for prompts.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ CPU_HAS_AMX = "amx_bf16" in cpu_kernel.cpu_flags()
 
 
 def prompt_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of prompt-sized products with dequantised weights: bf16 on GPUs and on CPUs with AMX, whose
-    matrix units multiply it several times faster than fp32; fp32 on other CPUs, where oneDNN's bf16 products
-    (AVX-512 BF16 at best) are slower than MKL's fp32 ones (0.16 vs 0.22 TFLOP/s on 2 cores without AMX,
-    benchmarks/RESULTS.md)."""
+    """The dtype of prompt-sized products with dequantised weights (where ``cpu_kernel.int8_matmul`` does not
+    run): bf16 on GPUs and on CPUs with AMX, whose matrix units multiply it several times faster than fp32;
+    fp32 on other CPUs, where oneDNN's bf16 products (AVX-512 BF16 at best) are slower than MKL's fp32 ones
+    (0.16 vs 0.22 TFLOP/s on 2 cores without AMX, benchmarks/RESULTS.md)."""
     if device.type != "cpu" or CPU_HAS_AMX:
         return KERNEL_DTYPE
     return torch.float32
@@ -124,6 +126,8 @@ class Int8Linear(nn.Module):
             # the matrix-vector kernel, so decoding reads one byte per weight (PyTorch's own CUDA int8
             # kernel is a naive fp32 one)
             y = F.linear(x2.to(KERNEL_DTYPE), self.weight.to(KERNEL_DTYPE)) * self.scales
+        elif x2.shape[0] >= PREFILL_ROWS and self._own:
+            y = cpu_kernel.int8_matmul(x2, self.weight, self.scales.float())
         elif x2.shape[0] >= PREFILL_ROWS:
             dtype = prompt_dtype(x.device)
             y = F.linear(x2.to(dtype), self.dequantize(dtype))
@@ -266,9 +270,12 @@ class Int4Linear(nn.Module):
         if self._path == "own" and (rows < OWN_KERNEL_ROWS or (rows < PREFILL_ROWS and self._packed is None)):
             y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk)  # rounds x itself: no bf16 step
             return self._finish(y, x, shape)
+        if rows >= PREFILL_ROWS and self._path == "own":
+            y = cpu_kernel.int8_matmul(x2, *cpu_kernel.int4_to_int8(self.qweight, self._scales_nk))
+            return self._finish(y, x, shape)
         if rows >= PREFILL_ROWS or self._path == "matmul":
             dtype = prompt_dtype(x.device)
-            return self._finish(F.linear(x2.to(dtype), self._dequantized(dtype)), x, shape)
+            return self._finish(F.linear(x2.to(dtype), self.dequantize(dtype)), x, shape)
         x2 = x2.to(KERNEL_DTYPE)
         if x.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel_weight(), self.group_size,
@@ -277,12 +284,6 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self._kernel_weight(), self.group_size,
                                                    self.scales_and_zeros)  # fmt: skip
         return self._finish(y, x, shape)
-
-    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """``dequantize(dtype)`` for a prompt-sized product: in one pass with qwenlm's CPU kernel where it runs."""
-        if self._path == "own":
-            return cpu_kernel.int4_dequant(self.qweight, self._scales_nk, dtype)
-        return self.dequantize(dtype)
 
     def _finish(self, y: torch.Tensor, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)

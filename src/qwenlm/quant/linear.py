@@ -24,8 +24,8 @@ from torch import nn
 from . import cpu_kernel
 
 KERNEL_DTYPE = torch.bfloat16
-PREFILL_ROWS = 16  # from this many rows on, dequantise and use a matrix product
-OWN_KERNEL_ROWS = 4  # qwenlm's int4/int8 CPU kernels below this many rows (bandwidth-bound); PyTorch's from here on
+PREFILL_ROWS = 16  # from this many rows on, a matrix product (int8, or with the weight dequantised)
+OWN_KERNEL_ROWS = 4  # qwenlm's int4/int8 matrix-vector CPU kernels below this many rows (bandwidth-bound)
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # 4-bit fitting works on this many weights at a time (bounded memory)
 SCALE_STEPS = tuple(x / 5 for x in range(-5, 6))  # offsets to the 15 steps of a group's range that are tried
 
@@ -126,13 +126,13 @@ class Int8Linear(nn.Module):
             # the matrix-vector kernel, so decoding reads one byte per weight (PyTorch's own CUDA int8
             # kernel is a naive fp32 one)
             y = F.linear(x2.to(KERNEL_DTYPE), self.weight.to(KERNEL_DTYPE)) * self.scales
-        elif x2.shape[0] >= PREFILL_ROWS and self._own:
+        elif self._own and x2.shape[0] < OWN_KERNEL_ROWS:
+            y = cpu_kernel.int8_gemv(x2, self.weight, self.scales)  # rounds x itself: no bf16 step
+        elif self._own:  # batched decoding and prompts: the int8 matrix product (2x PyTorch's kernel at 8 rows)
             y = cpu_kernel.int8_matmul(x2, self.weight, self.scales.float())
         elif x2.shape[0] >= PREFILL_ROWS:
             dtype = prompt_dtype(x.device)
             y = F.linear(x2.to(dtype), self.dequantize(dtype))
-        elif x2.shape[0] < OWN_KERNEL_ROWS and self._own:
-            y = cpu_kernel.int8_gemv(x2, self.weight, self.scales)  # rounds x itself: no bf16 step
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.weight, self.scales)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)

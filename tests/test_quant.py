@@ -43,6 +43,19 @@ def test_prompts_multiply_in_the_prompt_dtype(cls, dtype, monkeypatch):
     torch.testing.assert_close(q(x), expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_gradients_flow_to_the_input(cls, rows):
+    """The kernels have no backward: with an input that needs gradients (training an adapter in front of
+    a quantised layer) the layer multiplies by the dequantised weight, so the gradient is W^T."""
+    torch.manual_seed(0)
+    q = cls.from_linear(nn.Linear(128, 96, bias=True))
+    x = torch.randn(rows, 128, requires_grad=True)
+    q(x).sum().backward()
+    expected = q.dequantize(torch.float32).sum(dim=0).expand(rows, 128)
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("amx,dtype", [(True, torch.bfloat16), (False, torch.float32)])
 def test_prompt_dtype_follows_the_cpu(amx, dtype, monkeypatch):
     monkeypatch.setattr(linear_module, "CPU_HAS_AMX", amx)

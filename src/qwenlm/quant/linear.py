@@ -126,6 +126,8 @@ class Int8Linear(nn.Module):
             # the matrix-vector kernel, so decoding reads one byte per weight (PyTorch's own CUDA int8
             # kernel is a naive fp32 one)
             y = F.linear(x2.to(KERNEL_DTYPE), self.weight.to(KERNEL_DTYPE)) * self.scales
+        elif x.requires_grad:  # the CPU kernels have no backward: a differentiable product
+            y = F.linear(x2, self.dequantize(x.dtype))
         elif self._own and x2.shape[0] < OWN_KERNEL_ROWS:
             y = cpu_kernel.int8_gemv(x2, self.weight, self.scales)  # rounds x itself: no bf16 step
         elif self._own:  # batched decoding and prompts: the int8 matrix product (2x PyTorch's kernel at 8 rows)
@@ -267,6 +269,8 @@ class Int4Linear(nn.Module):
         if self._path is None:
             self.prepare()
         rows = x2.shape[0]
+        if x.requires_grad:  # the kernels have no backward: a differentiable product
+            return self._finish(F.linear(x2, self.dequantize(x.dtype)), x, shape)
         if self._path == "own" and (rows < OWN_KERNEL_ROWS or (rows < PREFILL_ROWS and self._packed is None)):
             y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk)  # rounds x itself: no bf16 step
             return self._finish(y, x, shape)

@@ -353,8 +353,9 @@ constexpr int64_t kProductRows = 256;  // activation rows per int8 product (oneD
 
 inline __mmask16 first(int64_t count) { return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1); }
 
-// max |v| over a row, and whether it holds a NaN or an infinity
-inline float row_max(const float* v, int64_t k, bool* finite) {
+// A row's int8 step, max|v| / 127, stored at *scale; returns 1 / step (0 for an all-zero row). A NaN or an
+// infinity makes the step NaN, so that the row's outputs are NaN as a float product's would be.
+inline __m512 row_scale(const float* v, int64_t k, float* scale) {
   __m512 top = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t j = 0; j < k; j += 16) {
@@ -362,20 +363,17 @@ inline float row_max(const float* v, int64_t k, bool* finite) {
     bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_NEQ_UQ);  // NaN for NaN and inf
     top = _mm512_max_ps(top, _mm512_abs_ps(x));
   }
-  *finite = bad == 0;
-  return _mm512_reduce_max_ps(top);
+  const float amax = _mm512_reduce_max_ps(top);
+  *scale = bad == 0 ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+  return _mm512_set1_ps(bad == 0 && amax > 0.f ? 127.f / amax : 0.f);
 }
 
-// rows [r0, r0 + m) of x (K wide) as the (2m, K) two-part matrix q and their scales d; a NaN or infinity
-// makes its row's scale NaN, so that the row's outputs are NaN as a float product's would be
+// rows [r0, r0 + m) of x (K wide) as the (2m, K) two-part matrix q and their scales d
 void split_rows(const float* x, int64_t r0, int64_t m, int64_t k, int8_t* q, float* d) {
   at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* row = x + (r0 + r) * k;
-      bool finite;
-      const float top = row_max(row, k, &finite);
-      d[r] = finite ? top / 127.f : std::numeric_limits<float>::quiet_NaN();
-      const __m512 inv = _mm512_set1_ps(finite && top > 0.f ? 127.f / top : 0.f);
+      const __m512 inv = row_scale(row, k, d + r);
       int8_t* xq = q + r * k;
       int8_t* xr = q + (m + r) * k;
       for (int64_t j = 0; j < k; j += 16) {
@@ -443,11 +441,11 @@ std::tuple<at::Tensor, at::Tensor> int4_to_int8(const at::Tensor& packed, const 
   const at::Tensor codes = packed.contiguous();
   const at::Tensor scales = sz.contiguous();
   at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kChar));
-  at::Tensor row_scale = at::empty({n}, packed.options().dtype(at::kFloat));
+  at::Tensor steps = at::empty({n}, packed.options().dtype(at::kFloat));
   const uint8_t* w = codes.data_ptr<uint8_t>();
   const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   int8_t* y = out.data_ptr<int8_t>();
-  float* rs = row_scale.data_ptr<float>();
+  float* rs = steps.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(k);
     for (int64_t r = begin; r < end; ++r) {
@@ -458,17 +456,14 @@ std::tuple<at::Tensor, at::Tensor> int4_to_int8(const at::Tensor& packed, const 
         for (int half = 0; half < 2; ++half)
           _mm512_storeu_ps(row.data() + g * kGroup + half * 16, _mm512_add_ps(_mm512_mul_ps(q[half], sc), ze));
       }
-      bool finite;
-      const float top = row_max(row.data(), k, &finite);
-      rs[r] = finite ? top / 127.f : std::numeric_limits<float>::quiet_NaN();
-      const __m512 inv = _mm512_set1_ps(finite && top > 0.f ? 127.f / top : 0.f);
+      const __m512 inv = row_scale(row.data(), k, rs + r);
       for (int64_t j = 0; j < k; j += 16) {
         const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row.data() + j), inv));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(y + r * k + j), _mm512_cvtsepi32_epi8(v));
       }
     }
   });
-  return {out, row_scale};
+  return {out, steps};
 }
 
 }  // namespace

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from qwenlm.quant import Int4Linear, Int8Linear, cpu_kernel
+from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, cpu_kernel
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4/int8 CPU kernels: {cpu_kernel.status()}")
 
@@ -20,6 +20,11 @@ needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4/int8
 def _layer(k: int, n: int, seed: int = 0) -> Int4Linear:
     torch.manual_seed(seed)
     return Int4Linear.from_linear(nn.Linear(k, n, bias=False))
+
+
+def _int5_layer(k: int, n: int, seed: int = 0) -> Int5Linear:
+    torch.manual_seed(seed)
+    return Int5Linear.from_linear(nn.Linear(k, n, bias=False))
 
 
 def _int8_layer(k: int, n: int, bias: bool = False) -> Int8Linear:
@@ -45,6 +50,38 @@ def test_exact_when_activations_are_int8_blocks(k, n, rows):
     got = cpu_kernel.int4_gemv(x, layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous())
     expected = x.double() @ layer.dequantize(torch.float32).double().t()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n,rows", [(64, 16, 1), (192, 24, 2), (896, 160, 15), (960, 33, 5)])
+def test_5bit_exact_when_activations_are_int8_blocks(k, n, rows):
+    """5-bit weights (the fifth bits in the kernel's layout, a masked last step for K = 64, 192, 960)."""
+    layer = _int5_layer(k, n)
+    assert int(layer._values().max()) == 31
+    x = _int8_blocks(rows, k)
+    high = cpu_kernel.high_bits_layout(layer.qhigh, k)
+    assert high.shape == (n, -(-k // 128) * 16)
+    got = cpu_kernel.int4_gemv(x, layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous(), high)
+    expected = x.double() @ layer.dequantize(torch.float32).double().t()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+@needs_kernel
+def test_5bit_layer_uses_the_kernel_for_decoding_and_prompts(monkeypatch):
+    layer = _int5_layer(896, 160)
+    layer.prepare()
+    assert layer._path == "own" and layer._packed is None  # PyTorch has no 5-bit kernel
+    calls = []
+    product = cpu_kernel.int8_matmul
+    monkeypatch.setattr(cpu_kernel, "int8_matmul", lambda *a: calls.append(a[0].shape) or product(*a))
+    ref = layer.dequantize(torch.float32).t()
+    for rows in (1, 8, 15):  # decoding rows: the matrix-vector kernel, up to PREFILL_ROWS - 1 of them
+        x = torch.randn(rows, 896)
+        assert ((layer(x) - x @ ref).norm() / (x @ ref).norm()).item() < 2e-3
+    assert calls == []
+    x = torch.randn(40, 896)
+    assert ((layer(x) - x @ ref).norm() / (x @ ref).norm()).item() < 1e-2  # plus the rounding to int8 rows
+    assert calls == [(40, 896)]
 
 
 @needs_kernel
@@ -153,6 +190,16 @@ def test_int8_matmul_rows_are_independent_across_its_blocks():
 
 
 @needs_kernel
+def test_5bit_kernels_check_the_fifth_bits():
+    layer = _int5_layer(192, 8)
+    sz = layer.scales_and_zeros.transpose(0, 1).contiguous()
+    with pytest.raises(RuntimeError, match="fifth bits"):
+        cpu_kernel.int4_gemv(torch.randn(1, 192), layer.qweight, sz, layer.qhigh)  # the saved form, not the kernel's
+    with pytest.raises(RuntimeError, match="fifth bits"):
+        cpu_kernel.int4_to_int8(layer.qweight, sz, torch.zeros(8, 16, dtype=torch.int8))
+
+
+@needs_kernel
 def test_int8_matmul_checks_its_arguments():
     w = _int8_layer(64, 8).weight
     with pytest.raises(RuntimeError, match="float32"):
@@ -164,13 +211,15 @@ def test_int8_matmul_checks_its_arguments():
 
 
 @needs_kernel
-@pytest.mark.parametrize("k,n", [(32, 3), (896, 160)])
-def test_int4_weights_as_int8_rows(k, n):
+@pytest.mark.parametrize("k,n,make", [(32, 3, _layer), (896, 160, _layer), (64, 5, _int5_layer),
+                                      (896, 160, _int5_layer)])  # fmt: skip
+def test_int4_weights_as_int8_rows(k, n, make):
     """Each row in 127 steps of its largest magnitude: within half a step of the fp32 dequantisation."""
-    layer = _layer(k, n)
+    layer = make(k, n)
     with torch.no_grad():  # rows of very different magnitudes
         layer.scales_and_zeros.mul_(torch.logspace(-3, 3, n)[None, :, None].bfloat16())
-    w8, scale = cpu_kernel.int4_to_int8(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous())
+    high = cpu_kernel.high_bits_layout(layer.qhigh, k) if isinstance(layer, Int5Linear) else None
+    w8, scale = cpu_kernel.int4_to_int8(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous(), high)
     deq = layer.dequantize(torch.float32)
     assert w8.dtype == torch.int8 and scale.dtype == torch.float32
     torch.testing.assert_close(scale, deq.abs().amax(dim=1) / 127, rtol=1e-6, atol=0)

@@ -1,4 +1,5 @@
-"""GGUF 4-bit tensors (Q4_0, Q4_1, Q4_K) become int4 layers with their codes unchanged (no second rounding)."""
+"""GGUF 4-bit tensors (Q4_0, Q4_1, Q4_K) become int4 layers, 5-bit ones (Q5_0, Q5_1) 5-bit layers, with their
+codes unchanged (no second rounding)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from qwenlm import QwenForCausalLM
 from qwenlm.checkpoint import load_model
 from qwenlm.gguf import read_gguf_int4
 from qwenlm.gguf_int4 import dequantize_grid, int4_grid
-from qwenlm.quant import Int4Linear, Int8Linear, gguf_grids, quantize
+from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, gguf_grids, quantize
 from tests.tiny_gguf import Q, TinySpec, gguf, write_tiny_gguf
 
-BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}
+BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q5_0": (32, 22), "Q5_1": (32, 24)}
 
 
 def _random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -21,26 +22,27 @@ def _random_blocks(type_name: str, rows: int, cols: int, seed: int = 0) -> np.nd
     rng = np.random.default_rng(seed)
     per, size = BLOCK[type_name]
     raw = rng.integers(0, 256, (rows * cols // per, size), dtype=np.uint8)
-    for offset in (0,) if type_name == "Q4_0" else (0, 2):
+    for offset in (0,) if type_name in ("Q4_0", "Q5_0") else (0, 2):
         scales = rng.uniform(-0.1, 0.1, raw.shape[0]).astype(np.float16)
         raw[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1"])
 def test_grid_reproduces_ggufs_own_dequantisation(type_name):
     rows, cols = 6, 512
     data = _random_blocks(type_name, rows, cols)
     expected = gguf.quants.dequantize(data, getattr(Q, type_name)).reshape(rows, cols)
     grid = int4_grid(data, type_name, (rows, cols))
-    assert grid.codes.dtype == torch.uint8 and int(grid.codes.max()) <= 15
+    bits = 5 if type_name.startswith("Q5") else 4
+    assert grid.bits == bits and grid.codes.dtype == torch.uint8 and int(grid.codes.max()) == 2**bits - 1
     assert grid.scale.shape == (rows, cols // 32)
     torch.testing.assert_close(dequantize_grid(grid), torch.from_numpy(np.asarray(expected)), atol=1e-6, rtol=1e-6)
 
 
 def test_other_types_are_refused():
-    with pytest.raises(ValueError, match="Q5_0 is not a 4-bit GGUF type"):
-        int4_grid(np.zeros((1, 22), np.uint8), "Q5_0", (1, 32))
+    with pytest.raises(ValueError, match="Q8_0 is not a 4- or 5-bit GGUF type"):
+        int4_grid(np.zeros((1, 34), np.uint8), "Q8_0", (1, 32))
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +102,55 @@ def test_quantise_while_loading_a_gguf_keeps_its_4bit_codes_and_a_tied_head(tmp_
     assert sorted(grids) == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
     for name, grid in grids.items():
         assert torch.equal(model.get_submodule(name)._values(), grid.codes)
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
+def test_5bit_layer_keeps_the_codes_and_multiplies_like_its_weights(type_name):
+    rows, cols = 48, 192  # 1.5 steps of 128 weights per row: the kernel's masked last step too
+    grid = int4_grid(_random_blocks(type_name, rows, cols, seed=3), type_name, (rows, cols))
+    layer = Int4Linear.from_grid(grid)
+    assert isinstance(layer, Int5Linear)
+    assert torch.equal(layer._values(), grid.codes)
+    w = layer.dequantize(torch.float32)
+    exact = dequantize_grid(grid)
+    # the scale and offset in bf16 (relative step 2^-8): off by at most a bf16 step of the group's largest
+    torch.testing.assert_close(w, exact, atol=float(exact.abs().max()) / 2**8, rtol=0)
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(0))
+    for m in (1, 3, 5):  # decoding rows (qwenlm's kernel where it runs, else the dequantised weight)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x[:m]), x[:m] @ w.t(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_q5(tmp_path_factory):
+    """A Qwen2 GGUF like the demo model's: q/k 5-bit, v 5-bit in layer 0 and 8-bit in layer 1, MLP up and
+    gate 5-bit, down 4-bit (the first type whose suffix fits a name decides)."""
+    types = {"blk.1.attn_v.weight": Q.Q8_0, "attn_q.weight": Q.Q5_0, "attn_k.weight": Q.Q5_0,
+             "attn_v.weight": Q.Q5_0, "ffn_up.weight": Q.Q5_0, "ffn_gate.weight": Q.Q5_1, "ffn_down.weight": Q.Q4_1,
+             "token_embd.weight": Q.Q8_0, "output.weight": Q.Q8_0}  # fmt: skip
+    spec = TinySpec(types=types)
+    path = tmp_path_factory.mktemp("q5") / "tiny-q5.gguf"
+    write_tiny_gguf(path, spec)
+    return path
+
+
+def test_int4_from_a_gguf_keeps_its_5bit_tensors_in_5_bits(tiny_q5, tmp_path):
+    from qwenlm.quant.saving import quantize_checkpoint
+
+    grids = read_gguf_int4(tiny_q5)
+    assert grids["transformer.h.0.attn.c_attn"].bits == 5  # q, k, v all 5-bit: stacked with their fifth bits
+    assert "transformer.h.1.attn.c_attn" not in grids  # v is 8-bit there: the whole c_attn is rounded to int4
+    assert grids["transformer.h.1.mlp.c_proj"].bits == 4
+    model = load_model(tiny_q5, dtype="float32", device="cpu", quantize=4)
+    five = {n for n, m in model.named_modules() if isinstance(m, Int5Linear)}
+    assert five == {n for n, g in grids.items() if g.bits == 5} == set(model.quantization["five_bit"])
+    assert type(model.get_submodule("transformer.h.1.attn.c_attn")) is Int4Linear
+    for name in five:
+        assert torch.equal(model.get_submodule(name)._values(), grids[name].codes)
+    # saved and loaded: the same layers, bit for bit
+    saved = quantize_checkpoint(tiny_q5, tmp_path / "q5-int4", bits=4)
+    loaded = load_model(saved, dtype="float32", device="cpu")
+    assert {n for n, m in loaded.named_modules() if isinstance(m, Int5Linear)} == five
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)

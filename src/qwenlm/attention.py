@@ -1,7 +1,9 @@
 """Multi-head (and grouped-query) self-attention with a fused QKV projection, full or windowed.
 
 Full attention hands SDPA either nothing (one new token), its causal flag (a prompt without padding or
-cache: no T x T mask exists) or the additive mask of ``AttentionMask.full``. Window attention
+cache: no T x T mask exists) or the additive mask of ``AttentionMask.full``. One new token per row
+(decoding) on a CPU with qwenlm's kernels goes through ``cpu_kernel.decode_attention`` instead (PyTorch's
+CPU SDPA spends most of its time outside the arithmetic at these sizes). Window attention
 (experimental, see ``longctx.WindowSchedule``) runs the queries in blocks, each against only the keys its
 window can reach, so its memory grows with block x (block + window), never with T x T.
 """
@@ -14,6 +16,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import QwenConfig
+from .quant import cpu_kernel
 from .rope import apply_rotary
 
 WINDOW_QUERY_BLOCK = 512  # queries per SDPA call in window attention
@@ -77,6 +80,16 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=True)
         self.c_proj = nn.Linear(q_size, config.hidden_size, bias=False)
         self.dropout = config.attn_dropout_prob
+        self._own_decode: bool | None = None  # one-token steps through cpu_kernel; chosen by prepare()
+
+    def prepare(self) -> None:
+        """Choose now (not inside a compiled pass) whether one-token steps on the CPU use qwenlm's kernel:
+        for head sizes 64 and 128, where the kernels are available."""
+        self._own_decode = self.head_dim in (64, 128) and cpu_kernel.available()
+
+    def _apply(self, fn, recurse=True):  # moved or cast: choose again
+        self._own_decode = None
+        return super()._apply(fn, recurse)
 
     def forward(
         self,
@@ -98,7 +111,18 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if window is None or window >= mask.kv_len:  # a window longer than the sequence changes nothing
             bias, is_causal = mask.full()
-            if gqa and t == 1:
+            if t == 1 and self._own_decode is None:
+                self.prepare()
+            if (
+                t == 1
+                and self._own_decode
+                and x.device.type == "cpu"
+                and dropout == 0.0
+                and not q.requires_grad
+                and k.dtype in (torch.float32, torch.bfloat16)
+            ):  # fmt: skip  (the kernel has no backward)
+                y = cpu_kernel.decode_attention(q, k, v, bias)
+            elif gqa and t == 1:
                 y = single_query_grouped(q, k, v, bias, dropout)
             else:
                 y = F.scaled_dot_product_attention(

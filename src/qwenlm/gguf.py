@@ -215,9 +215,10 @@ def _reader_class() -> type:
 
 
 def read_gguf_int4(path: str | Path) -> dict[str, Any]:
-    """The 4-bit tensors (Q4_0, Q4_1, Q4_K) of a Qwen GGUF file as ``gguf_int4.Int4Grid`` by the name of the
-    model's linear layer (``transformer.h.0.mlp.c_proj``…), for ``quant.quantize`` to take over as they are.
-    Qwen2's q/k/v are stacked into ``c_attn`` only when all three are 4-bit; other tensors are left out."""
+    """The 4-bit tensors (Q4_0, Q4_1, Q4_K) and 5-bit ones (Q5_0, Q5_1) of a Qwen GGUF file as
+    ``gguf_int4.Int4Grid`` by the name of the model's linear layer (``transformer.h.0.mlp.c_proj``…), for
+    ``quant.quantize`` to take over as they are. Qwen2's q/k/v are stacked into ``c_attn`` only when all three
+    have the same bits (4 or 5); other tensors are left out."""
     from .checkpoint import qwen2_to_v1_names
     from .gguf_int4 import INT4_TYPES, Int4Grid, int4_grid
 
@@ -234,11 +235,16 @@ def read_gguf_int4(path: str | Path) -> dict[str, Any]:
     }
     if arch == "qwen2":
         qkv = re.compile(r"model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.weight")
-        layers = [m.group(1) for n in grids if (m := qkv.fullmatch(n))]
-        for name in [n for n in grids if (m := qkv.fullmatch(n)) and layers.count(m.group(1)) < 3]:
-            del grids[name]  # a partly 4-bit c_attn is quantised as a whole instead
+        bits: dict[str, list[int]] = {}
+        for n, g in grids.items():
+            if m := qkv.fullmatch(n):
+                bits.setdefault(m.group(1), []).append(g.bits)
+        mixed = {layer for layer, b in bits.items() if len(b) < 3 or len(set(b)) > 1}
+        for name in [n for n in grids if (m := qkv.fullmatch(n)) and m.group(1) in mixed]:
+            del grids[name]  # a c_attn with parts in other types is quantised as a whole instead
         parts = [qwen2_to_v1_names({n: g[i] for n, g in grids.items()}) for i in range(3)]
-        grids = {n: Int4Grid(*(p[n] for p in parts)) for n in parts[0]}
+        high = qwen2_to_v1_names({n: g.high for n, g in grids.items() if g.high is not None})
+        grids = {n: Int4Grid(*(p[n] for p in parts), high.get(n)) for n in parts[0]}
     return {name.removesuffix(".weight"): grid for name, grid in grids.items()}
 
 

@@ -1,4 +1,5 @@
-"""GGUF 4-bit tensors (Q4_0, Q4_1, Q4_K) as the codes, scales and offsets of ``quant.Int4Linear``.
+"""GGUF 4-bit tensors (Q4_0, Q4_1, Q4_K) as the codes, scales and offsets of ``quant.Int4Linear``, and 5-bit
+ones (Q5_0, Q5_1) as those of ``quant.Int5Linear``.
 
 All three formats are groups of 32 weights ``w = (q - 8) * scale + zero`` with 4-bit codes ``q``, which is
 exactly the layout of our 4-bit layer (groups of 32): the codes carry over unchanged, so quantising such a
@@ -11,6 +12,10 @@ and offset are rounded once more, to the kernel's bf16. Block layouts follow ggm
 * Q4_K, 144 bytes per 256 weights: f16 ``d``, f16 ``dmin``, 12 bytes of 6-bit sub-block scales and mins,
   128 bytes of nibbles; sub-block ``j`` (32 weights) is ``w = d * sc_j * q - dmin * m_j``; each 32-byte
   run of nibbles holds sub-block ``2c`` in its low and ``2c + 1`` in its high nibbles.
+* Q5_0, 22 bytes per 32 weights: f16 ``d``, 4 bytes ``qh`` (a little-endian uint32 of fifth bits: bit ``j``
+  for weight ``j``), 16 bytes of nibbles as in Q4_0; ``w = d * (q - 16)``.
+* Q5_1, 24 bytes per 32 weights: f16 ``d``, f16 ``m``, ``qh``, nibbles; ``w = d * q + m``.
+  Both are ``w = (q - 16) * scale + zero`` with 5-bit codes: ``quant.Int5Linear`` keeps them.
 """
 
 from __future__ import annotations
@@ -20,24 +25,34 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .quant.linear import pack_int4
+from .quant.linear import pack_high, pack_int4
 
-INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT5_TYPES = ("Q5_0", "Q5_1")
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K") + INT5_TYPES  # the types read as grids (5-bit ones with their fifth bit)
 
 
 class Int4Grid(NamedTuple):
     packed: torch.Tensor  # (out, in / 2) uint8: code of weight 2i in the low, of 2i + 1 in the high nibble
     scale: torch.Tensor  # (out, in / 32) float32
-    zero: torch.Tensor  # (out, in / 32) float32, so that w = (codes - 8) * scale + zero
+    zero: torch.Tensor  # (out, in / 32) float32, so that w = (codes - 8) * scale + zero (5-bit: codes - 16)
+    high: torch.Tensor | None = None  # 5-bit codes: their fifth bits, (out, in / 8) as quant.linear.pack_high
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.packed.shape[0], 2 * self.packed.shape[1]
 
     @property
+    def bits(self) -> int:
+        return 4 if self.high is None else 5
+
+    @property
     def codes(self) -> torch.Tensor:
-        """(out, in) uint8 codes in 0..15."""
-        return torch.stack([self.packed & 0x0F, self.packed >> 4], dim=-1).reshape(self.shape)
+        """(out, in) uint8 codes in 0..15 (5-bit grids: 0..31)."""
+        codes = torch.stack([self.packed & 0x0F, self.packed >> 4], dim=-1).reshape(self.shape)
+        if self.high is not None:
+            bits = (self.high[:, :, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+            codes |= bits.reshape(self.shape) << 4
+        return codes
 
 
 def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -57,6 +72,16 @@ def _q4_0_or_1(blocks: np.ndarray, with_min: bool) -> tuple[np.ndarray, np.ndarr
     return codes, d, zero
 
 
+def _q5_0_or_1(blocks: np.ndarray, with_min: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    d = _f16(blocks, 0)
+    start = 4 if with_min else 2
+    qh = blocks[:, start : start + 4].copy().view("<u4")[:, 0]
+    fifth = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    codes = _low_high(blocks[:, start + 4 : start + 20]) | (fifth << 4)
+    zero = _f16(blocks, 2) + 16 * d if with_min else np.zeros_like(d)
+    return codes, d, zero
+
+
 def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d, dmin = _f16(blocks, 0), _f16(blocks, 2)
     s = blocks[:, 4:16].astype(np.uint16)
@@ -70,26 +95,31 @@ def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Grid:
-    """The 4-bit grid of one GGUF tensor: ``data`` its raw bytes, ``shape`` (out, in) in Linear layout."""
+    """The 4-bit (or 5-bit) grid of one GGUF tensor: ``data`` its raw bytes, ``shape`` (out, in) in Linear
+    layout."""
     if type_name not in INT4_TYPES:
-        raise ValueError(f"{type_name} is not a 4-bit GGUF type with groups of 32 ({', '.join(INT4_TYPES)})")
+        raise ValueError(f"{type_name} is not a 4- or 5-bit GGUF type with groups of 32 ({', '.join(INT4_TYPES)})")
     out_f, in_f = shape
-    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}[type_name]
+    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q5_0": 22, "Q5_1": 24}[type_name]
     blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, block_bytes)
     if type_name == "Q4_K":
         codes, scale, zero = _q4_k(blocks)
+    elif type_name in INT5_TYPES:
+        codes, scale, zero = _q5_0_or_1(blocks, with_min=type_name == "Q5_1")
     else:
         codes, scale, zero = _q4_0_or_1(blocks, with_min=type_name == "Q4_1")
     groups = in_f // 32
+    codes_t = torch.from_numpy(codes.astype(np.uint8).reshape(out_f, in_f))
     return Int4Grid(
-        pack_int4(torch.from_numpy(codes.astype(np.uint8).reshape(out_f, in_f))),
+        pack_int4(codes_t & 0x0F),
         torch.from_numpy(scale.reshape(out_f, groups).astype(np.float32)),
         torch.from_numpy(zero.reshape(out_f, groups).astype(np.float32)),
+        pack_high(codes_t) if type_name in INT5_TYPES else None,
     )
 
 
 def dequantize_grid(grid: Int4Grid) -> torch.Tensor:
     """The float32 weights a grid stands for (for checks)."""
     out_f, in_f = grid.shape
-    q = grid.codes.float().reshape(out_f, -1, 32) - 8
+    q = grid.codes.float().reshape(out_f, -1, 32) - (1 << (grid.bits - 1))
     return (q * grid.scale[..., None] + grid.zero[..., None]).reshape(out_f, in_f)

@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
-from .linear import Int4Linear, Int8Linear
+from .linear import Int4Linear, Int5Linear, Int8Linear
 
-__all__ = ["Int4Linear", "Int8Linear", "Quantizer", "gguf_grids", "quantize", "quantized_structure"]
+__all__ = ["Int4Linear", "Int5Linear", "Int8Linear", "Quantizer", "gguf_grids", "quantize", "quantized_structure"]
 
 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, str]]:
@@ -32,7 +32,10 @@ class Quantizer:
     """Swaps a model's linears (decoder blocks and an untied LM head) for quantised ones, one at a time.
 
     ``grids`` (int4 with groups of 32): weights that already are 4-bit, by layer name, taken over without a
-    second rounding, e.g. ``gguf.read_gguf_int4(path)`` of the GGUF the model is loaded from.
+    second rounding, e.g. ``gguf.read_gguf_int4(path)`` of the GGUF the model is loaded from. 5-bit grids
+    (GGUF Q5_0, Q5_1) become ``Int5Linear`` layers, listed in ``model.quantization["five_bit"]``: rounding
+    them to 4 bits would lose a bit that the checkpoint has (+1.5 % perplexity for each MLP projection of the
+    demo model, benchmarks/RESULTS.md).
     """
 
     def __init__(self, model: nn.Module, bits: int, group_size: int = 32, grids: dict[str, Any] | None = None):
@@ -44,6 +47,7 @@ class Quantizer:
         self.pending = {full: (parent, name) for parent, name, _, full in _targets(model)
                         if not (tied and name == "lm_head")}  # fmt: skip
         model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None}
+        self.quantization = model.quantization
 
     def loaded(self, tensor_name: str) -> None:
         """Called as each tensor is loaded: quantise its layer once the weight (and bias) are all in."""
@@ -65,6 +69,8 @@ class Quantizer:
                 raise ValueError(f"{layer}: 4-bit grid of shape {tuple(grid.shape)} does not fit "
                                  f"the layer's weight {tuple(linear.weight.shape)}")  # fmt: skip
             q = Int4Linear.from_grid(grid, linear.bias)
+            if isinstance(q, Int5Linear):
+                self.quantization["five_bit"] = sorted([*self.quantization.get("five_bit", []), layer])
         elif fit is not None:
             q = fit(linear)
         elif self.bits == 8:
@@ -101,9 +107,15 @@ def gguf_grids(path: str | Path, bits: int, group_size: int = 32) -> dict[str, A
     return read_gguf_int4(path)
 
 
-def quantized_structure(model: nn.Module, bits: int, group_size: int = 32) -> nn.Module:
-    """Swap in empty quantised linears (same device as the model, e.g. meta) to load saved weights into."""
+def quantized_structure(model: nn.Module, bits: int, group_size: int = 32, five_bit: list[str] = ()) -> nn.Module:
+    """Swap in empty quantised linears (same device as the model, e.g. meta) to load saved weights into;
+    ``five_bit``: the layers saved as ``Int5Linear``."""
     q = Quantizer(model, bits, group_size)
+    if five_bit:
+        unknown = sorted(set(five_bit) - set(q.pending))
+        if unknown:
+            raise ValueError(f"quantization.five_bit names layers the model does not have: {', '.join(unknown[:5])}")
+        q.quantization["five_bit"] = sorted(five_bit)
     for layer in list(q.pending):
         parent, name = q.pending.pop(layer)
         linear = getattr(parent, name)
@@ -111,6 +123,7 @@ def quantized_structure(model: nn.Module, bits: int, group_size: int = 32) -> nn
         if bits == 8:
             empty = Int8Linear(linear.in_features, linear.out_features, bias, device=device)
         else:
-            empty = Int4Linear(linear.in_features, linear.out_features, bias, group_size, device=device)
+            cls = Int5Linear if layer in five_bit else Int4Linear
+            empty = cls(linear.in_features, linear.out_features, bias, group_size, device=device)
         setattr(parent, name, empty)
     return model

@@ -6,7 +6,8 @@ PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrice
 unit with activations split into two int8 parts per block of 32 (llama.cpp's Q8 blocks plus their rounding
 residual: ~15 bits; int4 decoding through it scored text as well as the bf16 matmul, see
 benchmarks/RESULTS.md). For prompt-sized products it splits activation rows the same way for PyTorch's int8
-matrix product (``int8_matmul``; int4 weights go in as int8 rows, ``int4_to_int8``).
+matrix product (``int8_matmul``; int4 weights go in as int8 rows, ``int4_to_int8``). And the attention of one
+new token against the KV cache (``decode_attention``), which PyTorch's CPU SDPA does 3-4x slower at these sizes.
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
 seconds; cached afterwards) and needs ``ninja`` (``pip install ninja``, in the ``demo`` and ``cpu-kernel``
 extras). Without AVX-512 VNNI, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` and
@@ -68,7 +69,8 @@ def _build() -> str | None:
         return f"building {SOURCE.name} failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
 
     @torch.library.register_fake("qwenlm_cpu::int4_gemv")
-    def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, high: torch.Tensor | None = None
+          ) -> torch.Tensor:  # fmt: skip
         return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
     @torch.library.register_fake("qwenlm_cpu::int8_gemv")
@@ -79,8 +81,13 @@ def _build() -> str | None:
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
+    @torch.library.register_fake("qwenlm_cpu::decode_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("qwenlm_cpu::int4_to_int8")
-    def _(packed: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _(packed: torch.Tensor, scales_zeros: torch.Tensor, high: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         n, half_k = packed.shape
         return packed.new_empty(n, 2 * half_k, dtype=torch.int8), packed.new_empty(n, dtype=torch.float32)
 
@@ -105,9 +112,11 @@ def set_enabled(enabled: bool) -> None:
     _state["enabled"] = enabled
 
 
-def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """``x`` (M <= 16, K) times the int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero): (M, N) fp32."""
-    return torch.ops.qwenlm_cpu.int4_gemv(x, packed, scales_zeros)
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
+              high: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``x`` (M <= 16, K) times the int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero): (M, N) fp32.
+    ``high``: 5-bit weights' fifth bits in the kernel's layout (``high_bits_layout``), w = (q - 16) s + z."""
+    return torch.ops.qwenlm_cpu.int4_gemv(x, packed, scales_zeros, high)
 
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -125,7 +134,29 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     return torch.ops.qwenlm_cpu.int8_matmul(x, weight, scales)
 
 
-def int4_to_int8(packed: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero) as int8 (N, K) with one fp32 scale
-    per row (N,), for ``int8_matmul``: each row dequantised in fp32, then rounded to steps of max|w| / 127."""
-    return torch.ops.qwenlm_cpu.int4_to_int8(packed, scales_zeros)
+def int4_to_int8(packed: torch.Tensor, scales_zeros: torch.Tensor,
+                 high: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The int4 weights (N, K/2 codes; (N, K/32, 2) bf16 scale and zero; ``high`` as for ``int4_gemv``) as int8
+    (N, K) with one fp32 scale per row (N,), for ``int8_matmul``: each row dequantised in fp32, then rounded
+    to steps of max|w| / 127."""
+    return torch.ops.qwenlm_cpu.int4_to_int8(packed, scales_zeros, high)
+
+
+def high_bits_layout(high: torch.Tensor, k: int) -> torch.Tensor:
+    """5-bit weights' fifth bits from their saved form (N, K/8) bytes (bit j of byte i: weight 8i + j) to the
+    kernels' (N, ceil(K/128) * 16): per 128 weights a 64-bit mask of the even positions, then of the odd ones."""
+    n = high.shape[0]
+    bits = ((high[:, :, None] >> torch.arange(8, device=high.device, dtype=torch.uint8)) & 1).reshape(n, k)
+    steps = -(-k // 128)
+    bits = torch.cat([bits, bits.new_zeros(n, steps * 128 - k)], dim=1).reshape(n, steps, 64, 2)
+    planes = bits.permute(0, 1, 3, 2).reshape(n, steps, 2, 8, 8)  # (..., even|odd, byte, bit)
+    weights = (1 << torch.arange(8, device=high.device, dtype=torch.int32)).to(torch.uint8)
+    return (planes * weights).sum(-1, dtype=torch.uint8).reshape(n, steps * 16).contiguous()
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Attention of one new token per row: ``q`` (B, H, 1, D), ``k``/``v`` (B, KVH, L, D) float32 or bfloat16
+    with contiguous rows (KV-cache views), H a multiple of KVH (grouped queries), D 64 or 128; ``bias``
+    (B or 1, 1, 1, L) added to the scores. Scale 1/sqrt(D), as SDPA's default; (B, H, 1, D) in q's dtype."""
+    return torch.ops.qwenlm_cpu.decode_attention(q, k, v, bias)

@@ -15,6 +15,10 @@
 // once per call in the matching order (per four groups: their even positions, 16 each, then the odd ones).
 // A last step with fewer than four groups loads its codes and scales masked (zeros beyond the row) and
 // meets zero activations there.
+// 5-bit weights (Int5Linear: GGUF Q5_0 / Q5_1 codes kept as they are) add a fifth bit per weight, in the
+// kernel's own layout (N, steps, 16) bytes: per step two 64-bit masks, the fifth bits of the 64 even and of
+// the 64 odd positions (bit b: position 2b, resp. 2b + 1), added as 16 to the nibbles before the dot
+// products; w = (q - 16) * s + z, so the offset term becomes -16 sum_g.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -36,6 +41,7 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kStep = 4;  // groups per step: one cache line of codes
 constexpr int64_t kMaxRows = 16;
 constexpr int64_t kAheadBytes = 8192;  // prefetch distance in weight bytes
+constexpr int64_t kHighBytes = 16;     // fifth bits per step of 128 weights (5-bit weights only)
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -66,10 +72,11 @@ struct Activations {
   std::vector<int8_t> xq;    // (M, steps, 128) int8, in the register order above
   std::vector<int8_t> xr;    // the same for the rounding residual, in steps of 1/256 of xq's
   std::vector<float> dx;     // (M, steps, 16): per lane, the int8 scale of the lane's group
-  std::vector<float> xs;     // (M, steps, 16): [-8 sum_g, sum_g] per group against [s_g, z_g]; 8 zeros
+  std::vector<float> xs;     // (M, steps, 16): [-offset sum_g, sum_g] per group against [s_g, z_g]; 8 zeros
 };
 
-Activations prepare(const float* x, int64_t m_rows, int64_t k) {
+// offset: 8 for 4-bit codes, 16 for 5-bit ones (w = (q - offset) * s + z)
+Activations prepare(const float* x, int64_t m_rows, int64_t k, float offset) {
   const int64_t groups = k / kGroup;
   Activations a;
   a.steps = (groups + kStep - 1) / kStep;
@@ -95,7 +102,7 @@ Activations prepare(const float* x, int64_t m_rows, int64_t k) {
       float* d = a.dx.data() + at_ * 16;
       for (int64_t l = 0; l < 4; ++l) d[h * 4 + l] = scale;
       float* s = a.xs.data() + at_ * 16;
-      s[2 * h] = -8.f * sum;
+      s[2 * h] = -offset * sum;
       s[2 * h + 1] = sum;
     }
   }
@@ -104,9 +111,11 @@ Activations prepare(const float* x, int64_t m_rows, int64_t k) {
 
 // One step (four groups) of R weight rows against M activation rows, accumulated into acc; Masked: the
 // row's last groups, fewer than four (codes and scales past them read as zeros).
+// high: the fifth bits (5-bit weights) or null.
 template <int M, int R, bool Masked>
-inline void step(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k, int64_t n, int64_t row0,
-                 int64_t ahead, int64_t t, __mmask64 code_mask, __mmask8 scale_mask, __m512 (&acc)[R][M]) {
+inline void step(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activations& act, int64_t k,
+                 int64_t n, int64_t row0, int64_t ahead, int64_t t, __mmask64 code_mask, __mmask8 scale_mask,
+                 __m512 (&acc)[R][M]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   // [s_g, z_g, ...] of four groups: lanes 4h..4h+3 take s of group h
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
@@ -120,8 +129,18 @@ inline void step(const uint8_t* w, const uint16_t* s, const Activations& act, in
     _mm_prefetch(reinterpret_cast<const char*>(w + later * row_bytes + t * 64), _MM_HINT_T0);
     if ((t & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + later * row_scales + t * 8), _MM_HINT_T0);
     const __m512i v = Masked ? _mm512_maskz_loadu_epi8(code_mask, wp) : _mm512_loadu_si512(wp);
-    const __m512i lo = _mm512_and_si512(v, low4);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    __m512i lo = _mm512_and_si512(v, low4);
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    if (high != nullptr) {
+      const uint8_t* hp = high + (row * act.steps + t) * kHighBytes;
+      if ((t & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(high + (later * act.steps + t) * kHighBytes), _MM_HINT_T0);
+      uint64_t even, odd;
+      std::memcpy(&even, hp, 8);
+      std::memcpy(&odd, hp + 8, 8);
+      const __m512i sixteen = _mm512_set1_epi8(16);
+      lo = _mm512_mask_add_epi8(lo, even, lo, sixteen);
+      hi = _mm512_mask_add_epi8(hi, odd, hi, sixteen);
+    }
     const __m128i raw = Masked ? _mm_maskz_loadu_epi16(scale_mask, sp) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(sp));
     const __m512 sz = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_zextsi256_si512(_mm256_cvtepu16_epi32(raw)), 16));
     const __m512 sv = _mm512_permutexvar_ps(spread, sz);
@@ -129,7 +148,7 @@ inline void step(const uint8_t* w, const uint16_t* s, const Activations& act, in
       const int64_t at_ = m * act.steps + t;
       const int8_t* xq = act.xq.data() + at_ * 128;
       const int8_t* xr = act.xr.data() + at_ * 128;
-      // 256 * (q . xq) + (q . xr): at most 8 * 15 * 127 * 257 per lane, far inside int32
+      // 256 * (q . xq) + (q . xr): at most 8 * 31 * 127 * 257 per lane, far inside int32
       __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xq));
       dot = _mm512_slli_epi32(_mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xq + 64)), 8);
       dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(xr)), hi, _mm512_loadu_si512(xr + 64));
@@ -143,17 +162,17 @@ inline void step(const uint8_t* w, const uint16_t* s, const Activations& act, in
 // R weight rows at a time (independent chains for the out-of-order core), M activation rows with their
 // accumulators in registers (M and R fixed at compile time).
 template <int M, int R>
-void rows(const uint8_t* w, const uint16_t* s, const Activations& act, int64_t k, int64_t n, int64_t row0,
-          int64_t ahead, float* y) {
+void rows(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activations& act, int64_t k, int64_t n,
+          int64_t row0, int64_t ahead, float* y) {
   const int64_t groups = k / kGroup, full = groups / kStep, left = groups % kStep;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < full; ++t) step<M, R, false>(w, s, act, k, n, row0, ahead, t, 0, 0, acc);
+  for (int64_t t = 0; t < full; ++t) step<M, R, false>(w, s, high, act, k, n, row0, ahead, t, 0, 0, acc);
   if (left) {
     const __mmask64 codes = (__mmask64(1) << (16 * left)) - 1;  // 16 bytes per group
     const __mmask8 scales = static_cast<__mmask8>((1u << (2 * left)) - 1);  // 2 bf16 per group
-    step<M, R, true>(w, s, act, k, n, row0, ahead, full, codes, scales, acc);
+    step<M, R, true>(w, s, high, act, k, n, row0, ahead, full, codes, scales, acc);
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) y[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]);
@@ -198,16 +217,25 @@ at::Tensor padded_rows(const char* name, const at::Tensor& x_in, const Run& run)
   return padded == m_rows ? out : out.narrow(0, 0, m_rows).contiguous();
 }
 
-// The weights both functions take: (N, K/2) uint8 codes and (N, K/32, 2) bf16 scales and zeros.
-void check_weights(const char* name, const at::Tensor& packed, const at::Tensor& sz) {
+// The weights both functions take: (N, K/2) uint8 codes and (N, K/32, 2) bf16 scales and zeros, and for
+// 5-bit weights their fifth bits (N, ceil(K/128) * 16) uint8; returns the fifth bits' pointer or null.
+const uint8_t* check_weights(const char* name, const at::Tensor& packed, const at::Tensor& sz,
+                             const std::optional<at::Tensor>& high) {
   TORCH_CHECK(packed.dim() == 2 && sz.dim() == 3, name, ": packed (N, K/2), sz (N, K/32, 2)");
   TORCH_CHECK(packed.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16, name, ": uint8 codes, bf16 scales");
   TORCH_CHECK(sz.size(0) == packed.size(0) && sz.size(1) * kGroup == packed.size(1) * 2 && sz.size(2) == 2,
               name, ": scales must be (N, K/32, 2)");
+  if (!high.has_value()) return nullptr;
+  const int64_t steps = (sz.size(1) + kStep - 1) / kStep;
+  TORCH_CHECK(high->dim() == 2 && high->scalar_type() == at::kByte && high->size(0) == packed.size(0) &&
+                  high->size(1) == steps * kHighBytes && high->is_contiguous(),
+              name, ": fifth bits must be contiguous uint8 (N, ceil(K/128) * 16)");
+  return high->data_ptr<uint8_t>();
 }
 
-at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz) {
-  check_weights("int4_gemv", packed, sz);
+at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz,
+                     const std::optional<at::Tensor>& high_bits) {
+  const uint8_t* high = check_weights("int4_gemv", packed, sz, high_bits);
   TORCH_CHECK(x_in.dim() == 2, "int4_gemv: x (M, K)");
   const int64_t k = x_in.size(1), n = packed.size(0);
   TORCH_CHECK(k % (2 * kGroup) == 0 && packed.size(1) * 2 == k, "int4_gemv: K must be a multiple of 64 and match the codes");
@@ -218,11 +246,11 @@ at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at:
   return padded_rows("int4_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
     constexpr int M = decltype(rows_m)::value, R = kRowsAtOnce<M>;
     at::Tensor out = at::empty({M, n}, x.options());
-    const Activations act = prepare(x.data_ptr<float>(), M, k);
+    const Activations act = prepare(x.data_ptr<float>(), M, k, high != nullptr ? 16.f : 8.f);
     const int64_t ahead = std::max<int64_t>(R, kAheadBytes / (k / 2));  // rows
     float* y = out.data_ptr<float>();
-    over_rows<R>(n, [&](int64_t row0) { rows<M, R>(w, s, act, k, n, row0, ahead, y); },
-                 [&](int64_t row) { rows<M, 1>(w, s, act, k, n, row, ahead, y); });
+    over_rows<R>(n, [&](int64_t row0) { rows<M, R>(w, s, high, act, k, n, row0, ahead, y); },
+                 [&](int64_t row) { rows<M, 1>(w, s, high, act, k, n, row, ahead, y); });
     return out;
   });
 }
@@ -333,14 +361,23 @@ at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& weight, const at:
 
 inline __m512 bf16_to_ps(uint16_t h) { return _mm512_set1_ps(bf16_to_float(h)); }
 
-// The codes of group g of a row (16 bytes at codes + 16 g) as (q - 8) in fp32: weights 0-15 and 16-31.
-inline void group_codes(const uint8_t* codes, int64_t g, __m512* q0, __m512* q1) {
+// The codes of group g of a row (16 bytes at codes + 16 g; the row's fifth bits at high, or null) as
+// (q - offset) in fp32: weights 0-15 and 16-31.
+inline void group_codes(const uint8_t* codes, const uint8_t* high, int64_t g, __m512* q0, __m512* q1) {
   const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m512 eight = _mm512_set1_ps(8.f);
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
-  const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-  *q0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))), eight);
-  *q1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))), eight);
+  __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  if (high != nullptr) {  // the group's 16 even and 16 odd positions in its step's two masks
+    const uint8_t* hp = high + (g / kStep) * kHighBytes + (g % kStep) * 2;
+    uint16_t even, odd;
+    std::memcpy(&even, hp, 2);
+    std::memcpy(&odd, hp + 8, 2);
+    lo = _mm_mask_add_epi8(lo, even, lo, _mm_set1_epi8(16));
+    hi = _mm_mask_add_epi8(hi, odd, hi, _mm_set1_epi8(16));
+  }
+  const __m512 offset = _mm512_set1_ps(high != nullptr ? 16.f : 8.f);
+  *q0 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi))), offset);
+  *q1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))), offset);
 }
 
 // ---- Prompt-sized products in int8: at::_int_mm (oneDNN's VNNI or AMX matrix product) -------------------
@@ -435,9 +472,11 @@ at::Tensor int8_matmul(const at::Tensor& x_in, const at::Tensor& weight, const a
 
 // Int4 weights as int8 with one scale per row: the row dequantised in fp32 (Int4Linear.dequantize(float32)),
 // then rounded to steps of max|w| / 127 (this second rounding costs the demo model +0.1 % perplexity).
-std::tuple<at::Tensor, at::Tensor> int4_to_int8(const at::Tensor& packed, const at::Tensor& sz) {
-  check_weights("int4_to_int8", packed, sz);
+std::tuple<at::Tensor, at::Tensor> int4_to_int8(const at::Tensor& packed, const at::Tensor& sz,
+                                                const std::optional<at::Tensor>& high_bits) {
+  const uint8_t* high = check_weights("int4_to_int8", packed, sz, high_bits);
   const int64_t n = packed.size(0), k = packed.size(1) * 2, groups = k / kGroup;
+  const int64_t high_row = ((groups + kStep - 1) / kStep) * kHighBytes;
   const at::Tensor codes = packed.contiguous();
   const at::Tensor scales = sz.contiguous();
   at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kChar));
@@ -451,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor> int4_to_int8(const at::Tensor& packed, const 
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t g = 0; g < groups; ++g) {
         __m512 q[2];
-        group_codes(w + r * k / 2, g, &q[0], &q[1]);
+        group_codes(w + r * k / 2, high != nullptr ? high + r * high_row : nullptr, g, &q[0], &q[1]);
         const __m512 sc = bf16_to_ps(s[(r * groups + g) * 2]), ze = bf16_to_ps(s[(r * groups + g) * 2 + 1]);
         for (int half = 0; half < 2; ++half)
           _mm512_storeu_ps(row.data() + g * kGroup + half * 16, _mm512_add_ps(_mm512_mul_ps(q[half], sc), ze));
@@ -466,13 +505,206 @@ std::tuple<at::Tensor, at::Tensor> int4_to_int8(const at::Tensor& packed, const 
   return {out, steps};
 }
 
+
+// ---- Attention of one new token (decoding) ------------------------------------------------------------------
+// q (B, H, 1, D), k and v (B, KVH, L, D) with rows of D contiguous (views of the KV cache: any other strides),
+// bias (B or 1, 1, 1, L) added to the scores or none; H / KVH query heads share a key/value head; D 64 or 128. One work item
+// per (batch row, key/value head): its G query heads' scores against the L keys (each key read once, for all G),
+// a softmax per head, then the G weighted sums of the values. fp32 or bf16 keys/values,
+// fp32 arithmetic throughout (what PyTorch's CPU SDPA does for these shapes, without its per-call blocking).
+
+// e^x for x <= 0 (scores minus their maximum): 2^n e^r with |r| <= ln2 / 2, e^r by its degree-6 Taylor
+// polynomial (relative error < 2e-7, below fp32's rounding of the sums it feeds)
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts: exact n ln2_hi
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T>
+inline __m512 load16(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_loadu_ps(p);
+  } else {  // bf16: the upper half of an fp32
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// 16 vectors -> one: lane i holds the sum of v[i]'s lanes (a transpose-and-add tree, ~2 operations a sum)
+inline __m512 sum16(const __m512 (&v)[16]) {
+  __m512 w[4];
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the partial sums of vectors 4i..4i+3
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(v[4 * i], v[4 * i + 1]), _mm512_unpackhi_ps(v[4 * i], v[4 * i + 1]));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v[4 * i + 2], v[4 * i + 3]), _mm512_unpackhi_ps(v[4 * i + 2], v[4 * i + 3]));
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, 0x44), _mm512_shuffle_ps(t0, t1, 0xEE));
+  }
+  const __m512 p = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(p, q, 0x88), _mm512_shuffle_f32x4(p, q, 0xDD));
+}
+
+// One (batch row, key/value head): its G query heads at q (G, D), keys and values rows of D at k and v.
+template <typename T, int D>
+void attend_one(const float* q, const T* k, const T* v, const float* bias, int64_t g_heads, int64_t len,
+                int64_t k_row, int64_t v_row, float scale, float* out, std::vector<float>& scores) {
+  constexpr int C = D / 16;  // 16-float chunks of a row
+  scores.resize(g_heads * len);
+  const __m512 sc = _mm512_set1_ps(scale);
+  // scores, 16 keys at a time per query head (the keys come from L2 after the first head)
+  for (int64_t g = 0; g < g_heads; ++g) {
+    __m512 qg[C];
+    for (int c = 0; c < C; ++c) qg[c] = _mm512_loadu_ps(q + g * D + c * 16);
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+      const int64_t n = std::min<int64_t>(16, len - j0);
+      __m512 part[16];
+      for (int jj = 0; jj < 16; ++jj) {
+        const T* kj = k + (j0 + std::min<int64_t>(jj, n - 1)) * k_row;  // past the end: the last key again
+        __m512 acc = _mm512_mul_ps(qg[0], load16(kj));
+        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qg[c], load16(kj + c * 16), acc);
+        part[jj] = acc;
+      }
+      const __mmask16 mask = first(n);
+      __m512 sv = _mm512_mul_ps(sum16(part), sc);
+      if (bias != nullptr) sv = _mm512_add_ps(sv, _mm512_maskz_loadu_ps(mask, bias + j0));
+      _mm512_mask_storeu_ps(scores.data() + g * len + j0, mask, sv);
+    }
+  }
+  for (int64_t g = 0; g < g_heads; ++g) {  // softmax of each head's row
+    float* sg = scores.data() + g * len;
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < len; j += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, first(len - j), sg + j));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 mask = first(len - j);
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sg + j), m));
+      _mm512_mask_storeu_ps(sg + j, mask, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 mask = first(len - j);
+      _mm512_mask_storeu_ps(sg + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sg + j), inv));
+    }
+  }
+  // the weighted values: two heads at a time (each value row loaded once for both), even and odd keys in
+  // separate sums (independent chains)
+  for (int64_t g = 0; g < g_heads; g += 2) {
+    const bool pair = g + 1 < g_heads;
+    const float* p0 = scores.data() + g * len;
+    const float* p1 = pair ? p0 + len : p0;
+    __m512 a0[C], b0[C], a1[C], b1[C];
+    for (int c = 0; c < C; ++c) a0[c] = b0[c] = a1[c] = b1[c] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 1 < len; j += 2) {
+      const T* ve = v + j * v_row;
+      const T* vo = ve + v_row;
+      const __m512 pe0 = _mm512_set1_ps(p0[j]), po0 = _mm512_set1_ps(p0[j + 1]);
+      const __m512 pe1 = _mm512_set1_ps(p1[j]), po1 = _mm512_set1_ps(p1[j + 1]);
+      for (int c = 0; c < C; ++c) {
+        const __m512 e = load16(ve + c * 16), o = load16(vo + c * 16);
+        a0[c] = _mm512_fmadd_ps(pe0, e, a0[c]);
+        b0[c] = _mm512_fmadd_ps(po0, o, b0[c]);
+        a1[c] = _mm512_fmadd_ps(pe1, e, a1[c]);
+        b1[c] = _mm512_fmadd_ps(po1, o, b1[c]);
+      }
+    }
+    if (j < len) {
+      const T* ve = v + j * v_row;
+      const __m512 pe0 = _mm512_set1_ps(p0[j]), pe1 = _mm512_set1_ps(p1[j]);
+      for (int c = 0; c < C; ++c) {
+        const __m512 e = load16(ve + c * 16);
+        a0[c] = _mm512_fmadd_ps(pe0, e, a0[c]);
+        a1[c] = _mm512_fmadd_ps(pe1, e, a1[c]);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(out + g * D + c * 16, _mm512_add_ps(a0[c], b0[c]));
+      if (pair) _mm512_storeu_ps(out + (g + 1) * D + c * 16, _mm512_add_ps(a1[c], b1[c]));
+    }
+  }
+}
+
+template <typename T, int D>
+void attend(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const float* bias, int64_t bias_batch,
+            float scale, at::Tensor& out) {
+  const int64_t b = k.size(0), kvh = k.size(1), len = k.size(2), g_heads = qf.size(1) / kvh;
+  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, b * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / kvh, head = item % kvh;
+      const int64_t q_at = (row * qf.size(1) + head * g_heads) * D;
+      attend_one<T, D>(qp + q_at, kp + row * k.stride(0) + head * k.stride(1), vp + row * v.stride(0) + head * v.stride(1),
+                       bias != nullptr ? bias + (bias_batch == 1 ? 0 : row) * len : nullptr, g_heads, len,
+                       k.stride(2), v.stride(2), scale, op + q_at, scores);
+    }
+  });
+}
+
+template <typename T>
+void attend_sized(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const float* bias,
+                  int64_t bias_batch, float scale, at::Tensor& out) {
+  if (k.size(3) == 64) {
+    attend<T, 64>(qf, k, v, bias, bias_batch, scale, out);
+  } else {
+    attend<T, 128>(qf, k, v, bias, bias_batch, scale, out);
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+              "decode_attention: q (B, H, 1, D), k and v (B, KVH, L, D)");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 &&
+                  q.size(1) % k.size(1) == 0 && k.size(2) > 0,
+              "decode_attention: k and v of one shape (B, KVH, L, D), H a multiple of KVH, L >= 1");
+  TORCH_CHECK(k.size(3) == 64 || k.size(3) == 128, "decode_attention: head size must be 64 or 128");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: k and v both float32 or both bfloat16");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v rows must be contiguous");
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  int64_t bias_batch = 1;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->dim() == 4 && bias_in->size(1) == 1 && bias_in->size(2) == 1 && bias_in->size(3) == k.size(2) &&
+                    (bias_in->size(0) == 1 || bias_in->size(0) == k.size(0)),
+                "decode_attention: bias (B or 1, 1, 1, L)");
+    bias = bias_in->to(at::kFloat).contiguous();
+    bias_batch = bias.size(0);
+  }
+  at::Tensor out = at::empty(qf.sizes(), qf.options());
+  const float scale = 1.f / std::sqrt(static_cast<float>(k.size(3)));
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (k.scalar_type() == at::kFloat) {
+    attend_sized<float>(qf, k, v, bp, bias_batch, scale, out);
+  } else {
+    attend_sized<uint16_t>(qf, k, v, bp, bias_batch, scale, out);
+  }
+  return out.to(q.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenlm_cpu, m) {
-  m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros, Tensor? high=None) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int8_matmul(Tensor x, Tensor weight, Tensor scales) -> Tensor");
-  m.def("int4_to_int8(Tensor packed, Tensor scales_zeros) -> (Tensor, Tensor)");
+  m.def("int4_to_int8(Tensor packed, Tensor scales_zeros, Tensor? high=None) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
@@ -480,4 +712,5 @@ TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int4_to_int8", &int4_to_int8);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -3,6 +3,8 @@
 - ``Int8Linear``: per-output-channel symmetric int8 (``aten._weight_int8pack_mm``).
 - ``Int4Linear``: group-wise asymmetric 4-bit (``aten._weight_int4pack_mm_for_cpu`` on CPU,
   ``aten._weight_int4pack_mm`` on CUDA).
+- ``Int5Linear``: the same with a fifth bit per weight, for GGUF tensors stored in 5 bits (Q5_0, Q5_1),
+  whose codes it keeps (PyTorch has no 5-bit kernel: qwenlm's own, else the dequantised weight).
 
 Both decode (a few rows) through qwenlm's own kernels on CPUs with AVX-512 VNNI (``cpu_kernel``), which
 round fp32 activations themselves; PyTorch's kernels above get them in bf16 (they are slow with fp32 ones).
@@ -50,8 +52,18 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return codes[:, ::2] | (codes[:, 1::2] << 4)
 
 
-def fit_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """4-bit codes for ``w`` (n, k) in groups of ``group_size`` along k, each group ~ ``(q - 8) * scale + zero``.
+def pack_high(codes: torch.Tensor) -> torch.Tensor:
+    """(n, k) codes in 0..31 -> their fifth bits, (n, k/8) bytes: bit j of byte i for weight 8i + j (the
+    layout ``Int5Linear.qhigh`` saves; the low four bits go through ``pack_int4``)."""
+    n, k = codes.shape
+    bits = ((codes >> 4) & 1).reshape(n, k // 8, 8)
+    return (bits << torch.arange(8, device=codes.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def fit_int4_groups(w: torch.Tensor, group_size: int,
+                    bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """4-bit codes for ``w`` (n, k) in groups of ``group_size`` along k, each group ~ ``(q - 8) * scale + zero``
+    (``bits=5``: codes 0..31, ``(q - 16) * scale + zero``).
 
     Plain min-max rounding wastes the grid on outliers. For each group we try a few grid spacings around
     min-max (``SCALE_STEPS``), round, then refit scale and offset to the chosen codes by least squares, and
@@ -59,17 +71,18 @@ def fit_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
     already lies on a 4-bit grid is recovered exactly. Returns codes (n, k) uint8 and scale, zero (n, k/g).
     """
     n, k = w.shape
+    top, middle = (1 << bits) - 1, 1 << (bits - 1)
     g = w.reshape(n, k // group_size, group_size)
     lo = g.amin(dim=-1, keepdim=True)
     span = (g.amax(dim=-1, keepdim=True) - lo).clamp(min=1e-8)
     sum_w = g.sum(dim=-1, keepdim=True)
     best_err = best_q = best_s = best_m = None
     for step in SCALE_STEPS:
-        q = torch.clamp(torch.round((g - lo) * ((15 + step) / span)), 0, 15)
+        q = torch.clamp(torch.round((g - lo) * ((top + step) / span)), 0, top)
         sum_q, sum_qq, sum_qw = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True), (q * g).sum(-1, keepdim=True)
         det = group_size * sum_qq - sum_q * sum_q
         flat = det <= 0  # every code equal: the group is constant
-        s = torch.where(flat, span / 15, (group_size * sum_qw - sum_q * sum_w) / torch.where(flat, 1.0, det))
+        s = torch.where(flat, span / top, (group_size * sum_qw - sum_q * sum_w) / torch.where(flat, 1.0, det))
         m = (sum_w - s * sum_q) / group_size
         err = (torch.addcmul(m, s, q) - g).square_().sum(-1, keepdim=True)
         if best_err is None:
@@ -80,7 +93,7 @@ def fit_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
             best_q = torch.where(better, q, best_q)
             best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
     scale, offset = best_s.squeeze(-1), best_m.squeeze(-1)
-    return best_q.to(torch.uint8).reshape(n, k), scale, offset + 8 * scale
+    return best_q.to(torch.uint8).reshape(n, k), scale, offset + middle * scale
 
 
 class Int8Linear(nn.Module):
@@ -151,6 +164,8 @@ class Int4Linear(nn.Module):
     the kernel's packed layout is made on the device at first use.
     """
 
+    BITS = 4
+
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32, device=None) -> None:
         super().__init__()
         if in_features % group_size:
@@ -169,6 +184,7 @@ class Int4Linear(nn.Module):
         self._path: str | None = None  # "own" (cpu_kernel), "packed" (PyTorch's kernel) or "matmul"; by prepare()
         self._packed: torch.Tensor | None = None  # PyTorch's packed layout
         self._scales_nk: torch.Tensor | None = None  # (out, groups, 2) scales and zeros for cpu_kernel
+        self._high_nk: torch.Tensor | None = None  # Int5Linear's fifth bits in cpu_kernel's layout
 
     def _apply(self, fn, recurse=True):  # moved or cast: kernel layouts are made again for the new device
         self._forget_kernel_state()
@@ -185,21 +201,24 @@ class Int4Linear(nn.Module):
         out = cls(k, n, linear.bias is not None, group_size, device=w.device)
         rows = max(1, ROWS_PER_CHUNK_ELEMENTS // k)
         for r in range(0, n, rows):
-            q, scale, zero = fit_int4_groups(w[r : r + rows], group_size)
-            out._set_rows(r, pack_int4(q), scale, zero)
+            out._set_codes(r, *fit_int4_groups(w[r : r + rows], group_size, cls.BITS))
         out._set_bias(linear.bias)
         return out
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    bias: torch.Tensor | None = None) -> Int4Linear:  # fmt: skip
-        """From codes (n, k) in 0..15 and per-group scale, zero (n, k/g) as ``fit_int4_groups`` returns
-        them (e.g. ``gptq.gptq_int4``)."""
+        """From codes (n, k) in 0..15 (``Int5Linear``: 0..31) and per-group scale, zero (n, k/g) as
+        ``fit_int4_groups`` returns them (e.g. ``gptq.gptq_int4``)."""
         n, k = codes.shape
         out = cls(k, n, bias is not None, k // scale.shape[1], device=codes.device)
-        out._set_rows(0, pack_int4(codes), scale, zero)
+        out._set_codes(0, codes, scale, zero)
         out._set_bias(bias)
         return out
+
+    def _set_codes(self, start: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Rows ``start``.. from their codes (rows, k) and (rows, groups) scale and zero."""
+        self._set_rows(start, pack_int4(codes & 0x0F), scale, zero)
 
     def _set_rows(self, start: int, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Rows ``start``.. from packed codes (``pack_int4``) and their (rows, groups) scale and zero."""
@@ -214,10 +233,15 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_grid(cls, grid: Any, bias: torch.Tensor | None = None) -> Int4Linear:
         """Take over weights that already are 4-bit codes in groups of 32 (``gguf_int4.Int4Grid``): the
-        codes unchanged, scale and offset rounded to the kernel's bf16."""
+        codes unchanged, scale and offset rounded to the kernel's bf16. A grid with fifth bits (``high``)
+        becomes an ``Int5Linear``."""
+        if getattr(grid, "high", None) is not None and cls is Int4Linear:
+            return Int5Linear.from_grid(grid, bias)
         n, k = grid.shape
         out = cls(k, n, bias is not None, 32)
         out._set_rows(0, grid.packed, grid.scale, grid.zero)
+        if cls.BITS == 5:
+            out.qhigh.copy_(grid.high)
         out._set_bias(bias)
         return out
 
@@ -231,7 +255,7 @@ class Int4Linear(nn.Module):
         q = self._values().to(dtype).reshape(self.out_features, -1, self.group_size)
         scale = self.scales_and_zeros[..., 0].t()[..., None].to(dtype)
         zero = self.scales_and_zeros[..., 1].t()[..., None].to(dtype)
-        return ((q - 8) * scale + zero).reshape(self.out_features, self.in_features)
+        return ((q - (1 << (self.BITS - 1))) * scale + zero).reshape(self.out_features, self.in_features)
 
     def prepare(self) -> None:
         """Choose the decoding kernel for the weights' device and make its layout now, not inside the first
@@ -272,10 +296,10 @@ class Int4Linear(nn.Module):
         if x.requires_grad:  # the kernels have no backward: a differentiable product
             return self._finish(F.linear(x2, self.dequantize(x.dtype)), x, shape)
         if self._path == "own" and (rows < OWN_KERNEL_ROWS or (rows < PREFILL_ROWS and self._packed is None)):
-            y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk)  # rounds x itself: no bf16 step
+            y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk, self._high_nk)  # rounds x: no bf16 step
             return self._finish(y, x, shape)
         if rows >= PREFILL_ROWS and self._path == "own":
-            y = cpu_kernel.int8_matmul(x2, *cpu_kernel.int4_to_int8(self.qweight, self._scales_nk))
+            y = cpu_kernel.int8_matmul(x2, *cpu_kernel.int4_to_int8(self.qweight, self._scales_nk, self._high_nk))
             return self._finish(y, x, shape)
         if rows >= PREFILL_ROWS or self._path == "matmul":
             dtype = prompt_dtype(x.device)
@@ -295,3 +319,41 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 groups of {self.group_size}"
+
+
+class Int5Linear(Int4Linear):
+    """``Int4Linear`` with a fifth bit per weight (``qhigh``, (out, in/8) bytes, bit j of byte i for weight
+    8i + j), w = (q - 16) * scale + zero: GGUF's 5-bit tensors (Q5_0, Q5_1) keep their codes. Decoded by
+    qwenlm's own kernel (``cpu_kernel``, the fifth bits in its layout, made by ``prepare``), else through the
+    dequantised weight: PyTorch has no 5-bit kernel."""
+
+    BITS = 5
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32, device=None) -> None:
+        super().__init__(in_features, out_features, bias, group_size, device)
+        self.register_buffer("qhigh", torch.empty(out_features, in_features // 8, dtype=torch.uint8, device=device))
+
+    def _set_codes(self, start: int, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        super()._set_codes(start, codes, scale, zero)
+        self.qhigh[start : start + codes.shape[0]] = pack_high(codes)
+
+    def _values(self) -> torch.Tensor:
+        high = (self.qhigh[:, :, None] >> torch.arange(8, device=self.qhigh.device, dtype=torch.uint8)) & 1
+        return super()._values() | (high.reshape(self.out_features, self.in_features) << 4)
+
+    def prepare(self) -> None:
+        self._forget_kernel_state()
+        if (
+            self.qweight.device.type == "cpu"
+            and self.group_size == 32
+            and self.in_features % 64 == 0
+            and (cpu_kernel.available())
+        ):
+            self._scales_nk = self.scales_and_zeros.transpose(0, 1).contiguous()
+            self._high_nk = cpu_kernel.high_bits_layout(self.qhigh, self.in_features)
+            self._path = "own"
+        else:
+            self._path = "matmul"
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, 5-bit groups of {self.group_size}"

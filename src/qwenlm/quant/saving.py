@@ -77,14 +77,17 @@ def _save_tokenizer(src: Path, dst: Path, tokenizer) -> None:
     save_hf_tokenizer(tokenizer, dst, chat_template=chat_template)
 
 
-def quantization_of(config_extra: dict) -> tuple[int, int] | None:
+def quantization_of(config_extra: dict) -> tuple[int, int, list[str]] | None:
+    """(bits, group size, layers saved in 5 bits) of a quantised checkpoint's config, or None."""
     q = config_extra.get(QUANT_KEY)
     if not q:
         return None
-    bits, group = q.get("bits"), q.get("group_size") or 32
+    bits, group, five_bit = q.get("bits"), q.get("group_size") or 32, q.get("five_bit") or []
     if bits not in (4, 8):
         raise ValueError(f"config.json: quantization bits {bits!r} is not supported (8 or 4)")
-    return bits, group
+    if five_bit and bits != 4:
+        raise ValueError(f"config.json: quantization five_bit is for bits 4, got bits {bits}")
+    return bits, group, list(five_bit)
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

@@ -2,7 +2,8 @@
 
 Full attention hands SDPA either nothing (one new token), its causal flag (a prompt without padding or
 cache: no T x T mask exists) or the additive mask of ``AttentionMask.full``. One new token per row
-(decoding) on a CPU with qwenlm's kernels goes through ``cpu_kernel.decode_attention`` instead (PyTorch's
+(decoding) of a quantised model on a CPU with qwenlm's kernels goes through ``cpu_kernel.decode_attention``
+instead (PyTorch's
 CPU SDPA spends most of its time outside the arithmetic at these sizes). Window attention
 (experimental, see ``longctx.WindowSchedule``) runs the queries in blocks, each against only the keys its
 window can reach, so its memory grows with block x (block + window), never with T x T.
@@ -84,8 +85,10 @@ class Attention(nn.Module):
 
     def prepare(self) -> None:
         """Choose now (not inside a compiled pass) whether one-token steps on the CPU use qwenlm's kernel:
-        for head sizes 64 and 128, where the kernels are available."""
-        self._own_decode = self.head_dim in (64, 128) and cpu_kernel.available()
+        for head sizes 64 and 128 in quantised models, whose layers load qwenlm's kernels anyway (a float
+        model does not build them for its attention alone, and keeps PyTorch's SDPA)."""
+        quantised = callable(getattr(self.c_attn, "prepare", None))
+        self._own_decode = quantised and self.head_dim in (64, 128) and cpu_kernel.available()
 
     def _apply(self, fn, recurse=True):  # moved or cast: choose again
         self._own_decode = None

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, cpu_kernel
+from qwenlm.quant.linear import unpack_high
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4/int8 CPU kernels: {cpu_kernel.status()}")
 
@@ -59,7 +60,7 @@ def test_5bit_exact_when_activations_are_int8_blocks(k, n, rows):
     layer = _int5_layer(k, n)
     assert int(layer._values().max()) == 31
     x = _int8_blocks(rows, k)
-    high = cpu_kernel.high_bits_layout(layer.qhigh, k)
+    high = cpu_kernel.high_bits_layout(unpack_high(layer.qhigh))
     assert high.shape == (n, -(-k // 128) * 16)
     got = cpu_kernel.int4_gemv(x, layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous(), high)
     expected = x.double() @ layer.dequantize(torch.float32).double().t()
@@ -218,7 +219,7 @@ def test_int4_weights_as_int8_rows(k, n, make):
     layer = make(k, n)
     with torch.no_grad():  # rows of very different magnitudes
         layer.scales_and_zeros.mul_(torch.logspace(-3, 3, n)[None, :, None].bfloat16())
-    high = cpu_kernel.high_bits_layout(layer.qhigh, k) if isinstance(layer, Int5Linear) else None
+    high = cpu_kernel.high_bits_layout(unpack_high(layer.qhigh)) if isinstance(layer, Int5Linear) else None
     w8, scale = cpu_kernel.int4_to_int8(layer.qweight, layer.scales_and_zeros.transpose(0, 1).contiguous(), high)
     deq = layer.dequantize(torch.float32)
     assert w8.dtype == torch.int8 and scale.dtype == torch.float32

@@ -3,8 +3,7 @@
 Full attention hands SDPA either nothing (one new token), its causal flag (a prompt without padding or
 cache: no T x T mask exists) or the additive mask of ``AttentionMask.full``. One new token per row
 (decoding) of a quantised model on a CPU with qwenlm's kernels goes through ``cpu_kernel.decode_attention``
-instead (PyTorch's
-CPU SDPA spends most of its time outside the arithmetic at these sizes). Window attention
+instead (PyTorch's CPU SDPA spends most of its time outside the arithmetic at these sizes). Window attention
 (experimental, see ``longctx.WindowSchedule``) runs the queries in blocks, each against only the keys its
 window can reach, so its memory grows with block x (block + window), never with T x T.
 """
@@ -123,7 +122,7 @@ class Attention(nn.Module):
                 and dropout == 0.0
                 and not q.requires_grad
                 and k.dtype in (torch.float32, torch.bfloat16)
-            ):  # fmt: skip  (the kernel has no backward)
+            ):  # (not q.requires_grad: the kernel has no backward)
                 y = cpu_kernel.decode_attention(q, k, v, bias)
             elif gqa and t == 1:
                 y = single_query_grouped(q, k, v, bias, dropout)

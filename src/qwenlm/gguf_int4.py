@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .quant.linear import pack_high, pack_int4
+from .quant.linear import pack_high, pack_int4, unpack_high
 
 INT5_TYPES = ("Q5_0", "Q5_1")
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K") + INT5_TYPES  # the types read as grids (5-bit ones with their fifth bit)
@@ -50,8 +50,7 @@ class Int4Grid(NamedTuple):
         """(out, in) uint8 codes in 0..15 (5-bit grids: 0..31)."""
         codes = torch.stack([self.packed & 0x0F, self.packed >> 4], dim=-1).reshape(self.shape)
         if self.high is not None:
-            bits = (self.high[:, :, None] >> torch.arange(8, dtype=torch.uint8)) & 1
-            codes |= bits.reshape(self.shape) << 4
+            codes |= unpack_high(self.high) << 4
         return codes
 
 

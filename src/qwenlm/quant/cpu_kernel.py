@@ -142,16 +142,15 @@ def int4_to_int8(packed: torch.Tensor, scales_zeros: torch.Tensor,
     return torch.ops.qwenlm_cpu.int4_to_int8(packed, scales_zeros, high)
 
 
-def high_bits_layout(high: torch.Tensor, k: int) -> torch.Tensor:
-    """5-bit weights' fifth bits from their saved form (N, K/8) bytes (bit j of byte i: weight 8i + j) to the
-    kernels' (N, ceil(K/128) * 16): per 128 weights a 64-bit mask of the even positions, then of the odd ones."""
-    n = high.shape[0]
-    bits = ((high[:, :, None] >> torch.arange(8, device=high.device, dtype=torch.uint8)) & 1).reshape(n, k)
+def high_bits_layout(bits: torch.Tensor) -> torch.Tensor:
+    """5-bit weights' fifth bits (N, K) as zeros and ones (``linear.unpack_high``) in the kernels' layout
+    (N, ceil(K/128) * 16) bytes: per 128 weights a 64-bit mask of the even positions, then of the odd ones."""
+    n, k = bits.shape
     steps = -(-k // 128)
     bits = torch.cat([bits, bits.new_zeros(n, steps * 128 - k)], dim=1).reshape(n, steps, 64, 2)
     planes = bits.permute(0, 1, 3, 2).reshape(n, steps, 2, 8, 8)  # (..., even|odd, byte, bit)
-    weights = (1 << torch.arange(8, device=high.device, dtype=torch.int32)).to(torch.uint8)
-    return (planes * weights).sum(-1, dtype=torch.uint8).reshape(n, steps * 16).contiguous()
+    weights = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return (planes << weights).sum(-1, dtype=torch.uint8).reshape(n, steps * 16).contiguous()
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

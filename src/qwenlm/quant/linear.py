@@ -56,8 +56,18 @@ def pack_high(codes: torch.Tensor) -> torch.Tensor:
     """(n, k) codes in 0..31 -> their fifth bits, (n, k/8) bytes: bit j of byte i for weight 8i + j (the
     layout ``Int5Linear.qhigh`` saves; the low four bits go through ``pack_int4``)."""
     n, k = codes.shape
-    bits = ((codes >> 4) & 1).reshape(n, k // 8, 8)
-    return (bits << torch.arange(8, device=codes.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return pack_bits(((codes >> 4) & 1).reshape(n, k // 8, 8))
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., 8) zeros and ones -> (...) bytes, the first one in the lowest bit."""
+    return (bits << torch.arange(8, device=bits.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_high(high: torch.Tensor) -> torch.Tensor:
+    """``pack_high``'s bytes (n, k/8) -> the fifth bits (n, k), zeros and ones."""
+    bits = (high[:, :, None] >> torch.arange(8, device=high.device, dtype=torch.uint8)) & 1
+    return bits.reshape(high.shape[0], -1)
 
 
 def fit_int4_groups(w: torch.Tensor, group_size: int,
@@ -263,7 +273,7 @@ class Int4Linear(nn.Module):
         PyTorch's packed kernel where the shape allows, else a dequantised matmul."""
         self._forget_kernel_state()
         device = self.qweight.device.type
-        if device == "cpu" and self.group_size == 32 and self.in_features % 64 == 0 and cpu_kernel.available():
+        if self._own_kernel_fits():
             self._scales_nk = self.scales_and_zeros.transpose(0, 1).contiguous()
             self._path = "own"
             if self.out_features % 16 == 0:  # PyTorch's kernel is faster from OWN_KERNEL_ROWS rows on
@@ -273,6 +283,12 @@ class Int4Linear(nn.Module):
             self._path = "packed"
         else:
             self._path = "matmul"
+
+    def _own_kernel_fits(self) -> bool:
+        """Whether qwenlm's CPU kernel takes these weights (groups of 32, rows of a multiple of 64, on a CPU
+        where it runs)."""
+        return (self.qweight.device.type == "cpu" and self.group_size == 32 and self.in_features % 64 == 0
+                and cpu_kernel.available())  # fmt: skip
 
     def _kernel_weight(self) -> torch.Tensor:
         if self._packed is None:
@@ -338,19 +354,13 @@ class Int5Linear(Int4Linear):
         self.qhigh[start : start + codes.shape[0]] = pack_high(codes)
 
     def _values(self) -> torch.Tensor:
-        high = (self.qhigh[:, :, None] >> torch.arange(8, device=self.qhigh.device, dtype=torch.uint8)) & 1
-        return super()._values() | (high.reshape(self.out_features, self.in_features) << 4)
+        return super()._values() | (unpack_high(self.qhigh) << 4)
 
     def prepare(self) -> None:
         self._forget_kernel_state()
-        if (
-            self.qweight.device.type == "cpu"
-            and self.group_size == 32
-            and self.in_features % 64 == 0
-            and (cpu_kernel.available())
-        ):
+        if self._own_kernel_fits():
             self._scales_nk = self.scales_and_zeros.transpose(0, 1).contiguous()
-            self._high_nk = cpu_kernel.high_bits_layout(self.qhigh, self.in_features)
+            self._high_nk = cpu_kernel.high_bits_layout(unpack_high(self.qhigh))
             self._path = "own"
         else:
             self._path = "matmul"

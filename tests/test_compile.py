@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwenlm.quant import quantize
-from tests.builders import greedy_decode, random_model, tiny_config
+from tests.builders import greedy_decode, random_model, relative_error, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,27 @@ def test_new_lengths_and_capacities_do_not_recompile():
                 torch._dynamo.config.error_on_recompile = True  # from the second cache on, a recompile fails
     finally:
         torch._dynamo.config.error_on_recompile = False
+
+
+def _forced(model, ids, tokens):
+    """Logits of the prefill and of decoding ``tokens`` one by one (the same inputs for every model)."""
+    with torch.inference_mode():
+        cache = model.new_cache()
+        out = [model(ids, past_key_values=cache, logits_to_keep=1).logits[:, -1]]
+        out += [model.decode_step(tokens[:, i : i + 1], None, cache) for i in range(tokens.shape[1])]
+    return torch.stack(out, dim=1).float()
+
+
+def test_the_compiled_step_follows_casts_and_swapped_layers(model):
+    # the compiled CPU step skips dynamo's guards on the weights (qwenlm.compiling): a cast must still
+    # compile again (the cache's guards), and a swapped layer (a kept type guard) must not run the old graph
+    ids, tokens = torch.randint(0, 151643, (2, 1, 6), generator=torch.Generator().manual_seed(2))
+    m = copy.deepcopy(model).compile_inference()
+    _forced(m, ids, tokens)
+    m.to(torch.bfloat16)
+    assert m.compiled
+    eager = copy.deepcopy(m)  # (copies decode eagerly)
+    assert relative_error(_forced(m, ids, tokens), _forced(eager, ids, tokens)) < 0.03  # bf16 paths differ ~1 %
+    quantize(m.float(), 8)
+    quantize(eager.float(), 8)
+    torch.testing.assert_close(_forced(m, ids, tokens), _forced(eager, ids, tokens), atol=2e-2, rtol=1e-4)

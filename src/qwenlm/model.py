@@ -18,6 +18,7 @@ from torch import nn
 
 from .attention import Attention, AttentionMask
 from .cache import KVCache
+from .compiling import compile_decode_step
 from .config import QwenConfig
 from .generation.graphs import GraphDecoder
 from .longctx import DynamicNTK, LogNScaling, NoLogN, PlainRoPE, WindowSchedule, position_policies, window_schedule
@@ -247,7 +248,9 @@ class QwenForCausalLM(nn.Module):
         The first passes
         pay the compilation (about two minutes each for prefill and decoding of the demo model on 2 CPU cores);
         ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again.
-        Call it after moving the model to its device."""
+        The CPU decoding step skips dynamo's guards on the modules' hooks and weights (``qwenlm.compiling``):
+        hooks registered afterwards are not run by it (call ``compile_inference()`` again). Call it after moving
+        the model to its device."""
         if enabled:
             # the rotary table exists before the first compiled pass, which would otherwise build it and so
             # be compiled for a state that the next pass no longer sees
@@ -257,7 +260,7 @@ class QwenForCausalLM(nn.Module):
             if self.device.type == "cuda":
                 self._graphs = GraphDecoder(self, compile=True)
             else:
-                self._compiled["decode"] = torch.compile(self._decode, dynamic=True)
+                self._compiled["decode"] = compile_decode_step(self._decode)
         else:
             self._compiled = self._graphs = None
         return self

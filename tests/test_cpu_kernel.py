@@ -293,3 +293,30 @@ def test_moving_a_layer_chooses_its_kernel_again():
     layer8.prepare()
     layer8.to(torch.float32)
     assert layer8._own is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 151936])
+def test_argmax_is_torchs(n):
+    # small integers: many ties (the first index wins), NaN (ranked above everything), rows of -inf
+    g = torch.Generator().manual_seed(n)
+    for trial in range(20):
+        x = torch.randint(-3, 3, (3, n), generator=g).float()
+        if trial % 4 == 0:
+            x[0, int(torch.randint(0, n, (1,), generator=g))] = float("nan")
+        if trial % 5 == 0:
+            x[1] = float("-inf")
+        assert torch.equal(torch.ops.qwenlm_cpu.argmax_rows(x), x.argmax(-1))
+        assert torch.equal(cpu_kernel.argmax(x), x.argmax(-1))
+    wide = torch.randn(4, 2 * n, generator=g)[:, ::2]  # strided rows
+    assert torch.equal(torch.ops.qwenlm_cpu.argmax_rows(wide), wide.argmax(-1))
+
+
+@needs_kernel
+def test_argmax_leaves_other_tensors_to_torch():
+    x = torch.randn(2, 40, dtype=torch.bfloat16)
+    assert torch.equal(cpu_kernel.argmax(x), x.argmax(-1))
+    with pytest.raises(RuntimeError, match=r"argmax_rows: x \(B, V\) float32"):
+        torch.ops.qwenlm_cpu.argmax_rows(x)
+    with pytest.raises(RuntimeError, match="V >= 1"):
+        torch.ops.qwenlm_cpu.argmax_rows(torch.empty(2, 0))

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..quant.cpu_kernel import argmax
 from .config import GenerationConfig
 from .processors import LogitsProcessor, RepetitionPenalty, StopWordsLogitsProcessor, Temperature, TopK, TopP
 
@@ -92,7 +93,7 @@ def stream_generate(
             for p in processors:
                 scores = p(sequences, scores)
             if generator is None:
-                next_ids = scores.argmax(dim=-1)
+                next_ids = argmax(scores)
             else:
                 for w in warpers:
                     scores = w(sequences, scores)

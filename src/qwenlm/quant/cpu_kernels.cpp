@@ -697,6 +697,51 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out.to(q.scalar_type());
 }
 
+// -- argmax over the vocabulary -----------------------------------------------------------------------
+// torch.argmax(x, -1) of fp32 rows: the first index of the largest value, or of the first NaN (which
+// torch ranks above everything). PyTorch's CPU reduction reads ~2 GB/s (0.33 ms for Qwen's 151,936
+// logits); this reads the row twice from cache: its maximum (and whether it has a NaN), then where that
+// value first occurs.
+int64_t row_argmax(const float* x, int64_t n) {
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    best = _mm512_max_ps(best, v);
+  }
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+  if (tail) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail, x + i);
+    nan |= _mm512_mask_cmp_ps_mask(tail, v, v, _CMP_UNORD_Q);
+    best = _mm512_mask_max_ps(best, tail, best, v);
+  }
+  const float top = _mm512_reduce_max_ps(best);
+  for (i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(lanes, x + i);
+    const __mmask16 hit = nan ? _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q)
+                              : _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(top), _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  return 0;  // not reached: the maximum occurs in the row
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "argmax_rows: x (B, V) float32 with V >= 1");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  const float* xp = xc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t n = x.size(1);
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) op[r] = row_argmax(xp + r * n, n);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenlm_cpu, m) {
@@ -705,6 +750,7 @@ TORCH_LIBRARY(qwenlm_cpu, m) {
   m.def("int8_matmul(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_to_int8(Tensor packed, Tensor scales_zeros, Tensor? high=None) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
@@ -713,4 +759,5 @@ TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int4_to_int8", &int4_to_int8);
   m.impl("decode_attention", &decode_attention);
+  m.impl("argmax_rows", &argmax_rows);
 }

@@ -21,6 +21,7 @@ import torch
 from qwenlm.allocator import release_freed_memory
 from qwenlm.chat.stream import StreamDecoder
 from qwenlm.generation.processors import Temperature
+from qwenlm.quant.cpu_kernel import argmax
 from qwenlm.serve.batch import Batch
 
 log = logging.getLogger("qwenlm.serve")
@@ -81,7 +82,7 @@ class Job:
     def sample(self, scores: torch.Tensor) -> int:
         """The next id from this request's scores (1, V)."""
         if self.generator is None:
-            return int(scores.argmax())
+            return int(argmax(scores)[0])
         if self.params.temperature != 1.0:
             scores = Temperature(self.params.temperature)(None, scores)
         return sample_top_p(scores[0].softmax(dim=-1), self.params.top_p, self.generator)
@@ -261,7 +262,7 @@ class Engine:
     def _step(self) -> None:
         logits = self._batch.step([job.generated[-1] for job in self._active]).float()  # (B, V)
         self.steps += 1
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = argmax(logits).tolist()
         done = []
         for i, job in enumerate(self._active):
             token = greedy[i] if job.generator is None else job.sample(logits[i : i + 1])

@@ -88,3 +88,24 @@ def test_the_compiled_step_follows_casts_and_swapped_layers(model):
     quantize(m.float(), 8)
     quantize(eager.float(), 8)
     torch.testing.assert_close(_forced(m, ids, tokens), _forced(eager, ids, tokens), atol=2e-2, rtol=1e-4)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.arange(1.0, n + 1))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w.sum()
+
+
+def test_each_compiled_step_has_entries_of_its_own():
+    # the decoding step's guards skip the weights' shapes (qwenlm.compiling): a second module whose weight
+    # has another shape must not run the first one's graph, which dynamo would offer it on a shared code object
+    from qwenlm.compiling import compile_method, skip_module_bookkeeping
+
+    small, large = _Scale(3), _Scale(5)
+    x = torch.ones(2)
+    with torch.no_grad():
+        for m in (small, large):
+            assert torch.equal(compile_method(m.step, guard_filter_fn=skip_module_bookkeeping)(x), m.step(x))

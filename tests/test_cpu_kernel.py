@@ -320,3 +320,11 @@ def test_argmax_leaves_other_tensors_to_torch():
         torch.ops.qwenlm_cpu.argmax_rows(x)
     with pytest.raises(RuntimeError, match="V >= 1"):
         torch.ops.qwenlm_cpu.argmax_rows(torch.empty(2, 0))
+
+
+def test_argmax_never_builds_the_kernels():
+    # float models never load the kernels; greedy decoding must not build them for the argmax alone
+    code = ("import torch; from qwenlm.quant import cpu_kernel; x = torch.randn(2, 50); "
+            "assert torch.equal(cpu_kernel.argmax(x), x.argmax(-1)); print(sorted(cpu_kernel._state))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]" and out.stderr == ""

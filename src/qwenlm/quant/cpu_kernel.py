@@ -168,8 +168,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(dim=-1)`` of logits (B, V): with qwenlm's kernel for float32 rows on CPU once the kernels
     are loaded (by a quantised model; never built for this alone), else PyTorch's. PyTorch's CPU argmax
-    takes ~0.33 ms for Qwen's vocabulary, ~1 % of an int4 decoding step; the kernel ~0.02 ms."""
-    if (_state.get("reason", SWITCHED_OFF) is None and _state.get("enabled", True) and x.dim() == 2
+    takes ~0.33 ms for Qwen's vocabulary, ~1 % of an int4 decoding step; the kernel ~0.03 ms."""
+    loaded = _state.get("reason", SWITCHED_OFF) is None  # built in this process, not building it now
+    if (loaded and _state.get("enabled", True) and x.dim() == 2
             and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1] > 0):  # fmt: skip
         return torch.ops.qwenlm_cpu.argmax_rows(x)
     return x.argmax(dim=-1)

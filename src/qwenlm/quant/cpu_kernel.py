@@ -149,12 +149,13 @@ def int4_to_int8(packed: torch.Tensor, scales_zeros: torch.Tensor,
 def high_bits_layout(bits: torch.Tensor) -> torch.Tensor:
     """5-bit weights' fifth bits (N, K) as zeros and ones (``linear.unpack_high``) in the kernels' layout
     (N, ceil(K/128) * 16) bytes: per 128 weights a 64-bit mask of the even positions, then of the odd ones."""
+    from .linear import pack_bits  # (linear imports this module)
+
     n, k = bits.shape
     steps = -(-k // 128)
     bits = torch.cat([bits, bits.new_zeros(n, steps * 128 - k)], dim=1).reshape(n, steps, 64, 2)
     planes = bits.permute(0, 1, 3, 2).reshape(n, steps, 2, 8, 8)  # (..., even|odd, byte, bit)
-    weights = torch.arange(8, device=bits.device, dtype=torch.uint8)
-    return (planes << weights).sum(-1, dtype=torch.uint8).reshape(n, steps * 16).contiguous()
+    return pack_bits(planes).reshape(n, steps * 16).contiguous()
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -711,7 +711,7 @@ int64_t row_argmax(const float* x, int64_t n) {
     nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     best = _mm512_max_ps(best, v);
   }
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+  const __mmask16 tail = first(n - i);
   if (tail) {
     const __m512 v = _mm512_maskz_loadu_ps(tail, x + i);
     nan |= _mm512_mask_cmp_ps_mask(tail, v, v, _CMP_UNORD_Q);
@@ -719,7 +719,7 @@ int64_t row_argmax(const float* x, int64_t n) {
   }
   const float top = _mm512_reduce_max_ps(best);
   for (i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 lanes = first(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(lanes, x + i);
     const __mmask16 hit = nan ? _mm512_mask_cmp_ps_mask(lanes, v, v, _CMP_UNORD_Q)
                               : _mm512_mask_cmp_ps_mask(lanes, v, _mm512_set1_ps(top), _CMP_EQ_OQ);

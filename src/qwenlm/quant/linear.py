@@ -175,6 +175,7 @@ class Int4Linear(nn.Module):
     """
 
     BITS = 4
+    PYTORCH_KERNEL = True  # PyTorch has a packed kernel for these weights
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32, device=None) -> None:
         super().__init__()
@@ -250,8 +251,6 @@ class Int4Linear(nn.Module):
         n, k = grid.shape
         out = cls(k, n, bias is not None, 32)
         out._set_rows(0, grid.packed, grid.scale, grid.zero)
-        if cls.BITS == 5:
-            out.qhigh.copy_(grid.high)
         out._set_bias(bias)
         return out
 
@@ -273,16 +272,21 @@ class Int4Linear(nn.Module):
         PyTorch's packed kernel where the shape allows, else a dequantised matmul."""
         self._forget_kernel_state()
         device = self.qweight.device.type
+        packed_fits = self.PYTORCH_KERNEL and self.out_features % 16 == 0
         if self._own_kernel_fits():
-            self._scales_nk = self.scales_and_zeros.transpose(0, 1).contiguous()
+            self._own_layout()
             self._path = "own"
-            if self.out_features % 16 == 0:  # PyTorch's kernel is faster from OWN_KERNEL_ROWS rows on
+            if packed_fits:  # PyTorch's kernel is faster from OWN_KERNEL_ROWS rows on
                 self._kernel_weight()
-        elif self.out_features % 16 == 0 and (device == "cpu" or self._cuda_k_tiles()):
+        elif packed_fits and (device == "cpu" or self._cuda_k_tiles()):
             self._kernel_weight()
             self._path = "packed"
         else:
             self._path = "matmul"
+
+    def _own_layout(self) -> None:
+        """The weights' extra layout for qwenlm's CPU kernel: scales and zeros by output row."""
+        self._scales_nk = self.scales_and_zeros.transpose(0, 1).contiguous()
 
     def _own_kernel_fits(self) -> bool:
         """Whether qwenlm's CPU kernel takes these weights (groups of 32, rows of a multiple of 64, on a CPU
@@ -344,6 +348,7 @@ class Int5Linear(Int4Linear):
     dequantised weight: PyTorch has no 5-bit kernel."""
 
     BITS = 5
+    PYTORCH_KERNEL = False  # no 5-bit kernel in PyTorch: qwenlm's, else the dequantised weight
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 32, device=None) -> None:
         super().__init__(in_features, out_features, bias, group_size, device)
@@ -356,14 +361,15 @@ class Int5Linear(Int4Linear):
     def _values(self) -> torch.Tensor:
         return super()._values() | (unpack_high(self.qhigh) << 4)
 
-    def prepare(self) -> None:
-        self._forget_kernel_state()
-        if self._own_kernel_fits():
-            self._scales_nk = self.scales_and_zeros.transpose(0, 1).contiguous()
-            self._high_nk = cpu_kernel.high_bits_layout(unpack_high(self.qhigh))
-            self._path = "own"
-        else:
-            self._path = "matmul"
+    @classmethod
+    def from_grid(cls, grid: Any, bias: torch.Tensor | None = None) -> Int5Linear:
+        out = super().from_grid(grid, bias)
+        out.qhigh.copy_(grid.high)
+        return out
+
+    def _own_layout(self) -> None:
+        super()._own_layout()
+        self._high_nk = cpu_kernel.high_bits_layout(unpack_high(self.qhigh))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, 5-bit groups of {self.group_size}"

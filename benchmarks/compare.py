@@ -11,7 +11,9 @@ llama.cpp (llama-cpp-python, n_threads=--threads) runs the GGUF as shipped. Medi
 JSON); ``+torchkernel`` decodes int4 with PyTorch's kernel instead of qwenlm's own (``quant.cpu_kernel``);
 ``+keepfreed`` on an ``hf-`` engine runs HF with qwenlm's allocator setting (``qwenlm.allocator``; plain ``hf-``
 engines keep glibc's defaults, as HF's users do). ``pre/HFbest`` is prefill against the fastest ``hf-`` engine
-of the run. Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth.
+of the run. Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth,
+measured in the same run with the same threads (``qwenlm.bench.read_bandwidth_gb_s``) before the first engine and
+after the last; the higher of the two is the limit.
 """
 
 from __future__ import annotations
@@ -22,9 +24,6 @@ import statistics
 import subprocess
 import sys
 import time
-
-# measured read bandwidth of this machine by thread count (see the baseline notes of the demo model)
-BANDWIDTH_GB_S = {1: 12.0, 2: 22.0}
 
 
 def child_qwenlm(variant: str, args) -> dict:
@@ -153,19 +152,28 @@ def main() -> None:
     if args.child:
         import torch
 
+        from qwenlm.bench import read_bandwidth_gb_s
+
         torch.set_num_threads(args.threads)
         kind, _, precision = args.child.partition("-")
         result = {
             "qwenlm": lambda: child_qwenlm(precision, args),
             "hf": lambda: child_hf(precision, args),
             "llamacpp": lambda: child_llamacpp(args),
+            "bandwidth": lambda: {"read_gb_s": read_bandwidth_gb_s()},
         }[kind]()
         print(json.dumps(result))
         return
+    bandwidth = [run_child("bandwidth", args)]
     results = {}
     for engine in args.engines.split(","):
         print(f"running {engine}…", file=sys.stderr, flush=True)
         results[engine] = run_child(engine, args)
+    bandwidth.append(run_child("bandwidth", args))
+    read_gb_s = [b["read_gb_s"] for b in bandwidth if isinstance(b, dict)]
+    if not read_gb_s:
+        sys.exit(f"could not measure the read bandwidth: {bandwidth[0]}")
+    limit = max(read_gb_s)
     ok = {k: v for k, v in results.items() if isinstance(v, dict)}
     base_lc = ok.get("llamacpp")
     base_hf = ok.get("hf-fp32")
@@ -173,6 +181,8 @@ def main() -> None:
     hf_runs = [v for k, v in ok.items() if k.startswith("hf-")]
     base_hf_pre = max(hf_runs, key=lambda r: r["prefill_tok_s"]) if hf_runs else None
     print(machine_line())
+    print(f"read bandwidth ({args.threads} threads): " + " / ".join(f"{b:.1f}" for b in read_gb_s)
+          + " GB/s (before / after the engines); the limit below is the higher")  # fmt: skip
     hdr = (f"{'engine':24s} {'prefill t/s':>11s} {'decode t/s':>10s} {'b8 t/s':>7s} {'TTFT s':>7s} {'peak MB':>8s} "
            f"{'GB/s':>5s} {'of BW':>6s} {'dec/llama':>9s} {'dec/HF32':>8s} {'pre/llama':>9s} "
            f"{'pre/HFbest':>10s}")  # fmt: skip
@@ -188,13 +198,13 @@ def main() -> None:
 
         b8 = f"{r['batch8_tok_s']:7.1f}" if r.get("batch8_tok_s") else f"{'-':>7s}"
         print(f"{engine:24s} {r['prefill_tok_s']:11.1f} {r['decode_tok_s']:10.2f} {b8} {r['ttft_s']:7.2f} "
-              f"{r['peak_rss_mb']:8.0f} {gbs:5.1f} {gbs / BANDWIDTH_GB_S.get(args.threads, 22.0):6.0%} "
+              f"{r['peak_rss_mb']:8.0f} {gbs:5.1f} {gbs / limit:6.0%} "
               f"{ratio('decode_tok_s', base_lc):>9s} "
               f"{ratio('decode_tok_s', base_hf):>8s} {ratio('prefill_tok_s', base_lc):>9s} "
               f"{ratio('prefill_tok_s', base_hf_pre):>10s}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine_line(), **results}, f, indent=2)
+            json.dump({"machine": machine_line(), "read_gb_s": read_gb_s, **results}, f, indent=2)
 
 
 def machine_line() -> str:

@@ -42,7 +42,9 @@ def _int8_blocks(rows: int, k: int) -> torch.Tensor:
 
 
 @needs_kernel
-@pytest.mark.parametrize("k,n,rows", [(64, 16, 1), (128, 48, 3), (192, 24, 2), (896, 160, 15), (960, 33, 5)])
+# one row against 1, 3 and 33 weight rows: blocks of two rows and a last row on its own, prefetches kept inside
+@pytest.mark.parametrize("k,n,rows", [(64, 16, 1), (64, 1, 1), (192, 3, 1), (960, 33, 1), (128, 48, 3), (192, 24, 2),
+                                      (896, 160, 15), (960, 33, 5)])  # fmt: skip
 def test_exact_when_activations_are_int8_blocks(k, n, rows):
     """Activations already on an int8 grid (each block of 32 holds integers with a maximum of 127) are not
     changed by the kernel's rounding, so it must equal the dequantised product up to fp32 summation."""
@@ -54,7 +56,8 @@ def test_exact_when_activations_are_int8_blocks(k, n, rows):
 
 
 @needs_kernel
-@pytest.mark.parametrize("k,n,rows", [(64, 16, 1), (192, 24, 2), (896, 160, 15), (960, 33, 5)])
+@pytest.mark.parametrize("k,n,rows", [(64, 16, 1), (64, 1, 1), (960, 33, 1), (192, 24, 2), (896, 160, 15),
+                                      (960, 33, 5)])  # fmt: skip
 def test_5bit_exact_when_activations_are_int8_blocks(k, n, rows):
     """5-bit weights (the fifth bits in the kernel's layout, a masked last step for K = 64, 192, 960)."""
     layer = _int5_layer(k, n)
@@ -100,7 +103,7 @@ def test_close_to_the_dequantised_product_and_used_by_int4linear():
 
 
 @needs_kernel
-@pytest.mark.parametrize("k,n,rows", [(32, 5, 1), (64, 16, 2), (96, 20, 3), (896, 160, 15), (960, 33, 5)])
+@pytest.mark.parametrize("k,n,rows", [(32, 5, 1), (32, 1, 1), (64, 16, 2), (96, 20, 3), (896, 160, 15), (960, 33, 5)])
 def test_int8_exact_when_activations_are_int8_blocks(k, n, rows):
     """The same for int8 weights: a last half line of weights (K = 32, 96, 960) reads as zeros."""
     layer = _int8_layer(k, n)

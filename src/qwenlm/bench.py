@@ -31,6 +31,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def read_bandwidth_gb_s(gib: float = 2.0, runs: int = 5) -> float:
+    """The memory read bandwidth this process reaches with its torch threads, in GB/s: the best of ``runs``
+    sums over a ``gib`` GiB buffer (much larger than any cache) after a first touch. Batch-1 decoding reads
+    every weight once per token, so this bounds its speed: the bound of a benchmark, measured where it runs."""
+    if gib <= 0 or runs < 1:
+        raise ValueError(f"gib must be > 0 and runs >= 1, got gib={gib}, runs={runs}")
+    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    buf.sum()  # pages touched, threads started
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
 QUANT_BITS = {"int8": 8, "int4": 4}
 
 

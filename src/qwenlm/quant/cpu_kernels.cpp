@@ -40,7 +40,10 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kStep = 4;  // groups per step: one cache line of codes
 constexpr int64_t kMaxRows = 16;
-constexpr int64_t kAheadBytes = 8192;  // prefetch distance in weight bytes
+// Prefetch distance in weight bytes. The software prefetches go to L2 (T1), not L1: on a 2-core AMD EPYC
+// (Zen 4) T1 read the weights 20-45 % faster than T0 (int4 / int8 at batch 1, benchmarks/RESULTS.md); without
+// them, 35 % slower; the distance (3-32 KB) hardly mattered.
+constexpr int64_t kAheadBytes = 8192;
 constexpr int64_t kHighBytes = 16;     // fifth bits per step of 128 weights (5-bit weights only)
 
 inline float bf16_to_float(uint16_t h) {
@@ -109,31 +112,40 @@ Activations prepare(const float* x, int64_t m_rows, int64_t k, float offset) {
   return a;
 }
 
-// One step (four groups) of R weight rows against M activation rows, accumulated into acc; Masked: the
-// row's last groups, fewer than four (codes and scales past them read as zeros).
-// high: the fifth bits (5-bit weights) or null.
-template <int M, int R, bool Masked>
-inline void step(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activations& act, int64_t k,
-                 int64_t n, int64_t row0, int64_t ahead, int64_t t, __mmask64 code_mask, __mmask8 scale_mask,
+// Where one block of R weight rows starts, and the strides between its rows (bytes of codes, bf16 scales,
+// bytes of fifth bits); lead: how many rows ahead of each row to prefetch (kept inside the matrix).
+struct RowBlock {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  const uint8_t* high;  // 5-bit weights only
+  int64_t code_stride, scale_stride, high_stride, lead;
+};
+
+// One step (four groups) of the block's R rows against M activation rows, accumulated into acc; t: the step;
+// Masked: the rows' last groups, fewer than four (codes and scales past them read as zeros). Five: 5-bit
+// weights (the fifth bits added as 16 to the nibbles).
+template <int M, int R, bool Five, bool Masked>
+inline void step(const RowBlock& b, const Activations& act, int64_t t, __mmask64 code_mask, __mmask8 scale_mask,
                  __m512 (&acc)[R][M]) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   // [s_g, z_g, ...] of four groups: lanes 4h..4h+3 take s of group h
   const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
-  const int64_t row_bytes = k / 2, row_scales = (k / kGroup) * 2;
+  const uint8_t* codes = b.codes + t * 64;
+  const uint16_t* scales = b.scales + t * 8;
+  const uint8_t* high = Five ? b.high + t * kHighBytes : nullptr;
   for (int r = 0; r < R; ++r) {
-    const int64_t row = row0 + r;
-    const uint8_t* wp = w + row * row_bytes + t * 64;
-    const uint16_t* sp = s + row * row_scales + t * 8;
     // the rows a few blocks ahead: more loads in flight than the hardware prefetcher starts by itself
-    const int64_t later = std::min(row + ahead, n - 1);
-    _mm_prefetch(reinterpret_cast<const char*>(w + later * row_bytes + t * 64), _MM_HINT_T0);
-    if ((t & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(s + later * row_scales + t * 8), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(codes + (r + b.lead) * b.code_stride), _MM_HINT_T1);
+    if ((t & 3) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(scales + (r + b.lead) * b.scale_stride), _MM_HINT_T1);
+      if (Five) _mm_prefetch(reinterpret_cast<const char*>(high + (r + b.lead) * b.high_stride), _MM_HINT_T1);
+    }
+    const uint8_t* wp = codes + r * b.code_stride;
     const __m512i v = Masked ? _mm512_maskz_loadu_epi8(code_mask, wp) : _mm512_loadu_si512(wp);
     __m512i lo = _mm512_and_si512(v, low4);
     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    if (high != nullptr) {
-      const uint8_t* hp = high + (row * act.steps + t) * kHighBytes;
-      if ((t & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(high + (later * act.steps + t) * kHighBytes), _MM_HINT_T0);
+    if (Five) {
+      const uint8_t* hp = high + r * b.high_stride;
       uint64_t even, odd;
       std::memcpy(&even, hp, 8);
       std::memcpy(&odd, hp + 8, 8);
@@ -141,6 +153,7 @@ inline void step(const uint8_t* w, const uint16_t* s, const uint8_t* high, const
       lo = _mm512_mask_add_epi8(lo, even, lo, sixteen);
       hi = _mm512_mask_add_epi8(hi, odd, hi, sixteen);
     }
+    const uint16_t* sp = scales + r * b.scale_stride;
     const __m128i raw = Masked ? _mm_maskz_loadu_epi16(scale_mask, sp) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(sp));
     const __m512 sz = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_zextsi256_si512(_mm256_cvtepu16_epi32(raw)), 16));
     const __m512 sv = _mm512_permutexvar_ps(spread, sz);
@@ -159,28 +172,31 @@ inline void step(const uint8_t* w, const uint16_t* s, const uint8_t* high, const
   }
 }
 
-// R weight rows at a time (independent chains for the out-of-order core), M activation rows with their
-// accumulators in registers (M and R fixed at compile time).
-template <int M, int R>
+// Rows row0 .. row0 + R - 1 (independent chains for the out-of-order core), M activation rows with their
+// accumulators in registers (M, R and the weights' bits fixed at compile time).
+template <int M, int R, bool Five>
 void rows(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activations& act, int64_t k, int64_t n,
           int64_t row0, int64_t ahead, float* y) {
   const int64_t groups = k / kGroup, full = groups / kStep, left = groups % kStep;
+  const RowBlock b{w + row0 * (k / 2), s + row0 * groups * 2, Five ? high + row0 * act.steps * kHighBytes : nullptr,
+                   k / 2, groups * 2, act.steps * kHighBytes, std::min(ahead, n - R - row0)};
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < full; ++t) step<M, R, false>(w, s, high, act, k, n, row0, ahead, t, 0, 0, acc);
+  for (int64_t t = 0; t < full; ++t) step<M, R, Five, false>(b, act, t, 0, 0, acc);
   if (left) {
     const __mmask64 codes = (__mmask64(1) << (16 * left)) - 1;  // 16 bytes per group
     const __mmask8 scales = static_cast<__mmask8>((1u << (2 * left)) - 1);  // 2 bf16 per group
-    step<M, R, true>(w, s, high, act, k, n, row0, ahead, full, codes, scales, acc);
+    step<M, R, Five, true>(b, act, full, codes, scales, acc);
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) y[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// weight rows per call of rows<M, R>: 4, 2 or 1 as the M activation rows' accumulators fill the registers
+// weight rows per call of rows<M, R>: 4, 2 or 1 as the M activation rows' accumulators fill the registers; 2
+// for one activation row, where more rows at once (more interleaved streams of weights) read slower
 template <int M>
-constexpr int kRowsAtOnce = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+constexpr int kRowsAtOnce = M == 1 ? 2 : M <= 2 ? 4 : (M <= 4 ? 2 : 1);
 
 // The N weight rows in blocks of R over the threads; a last partial block row by row.
 template <int R, typename Block, typename Row>
@@ -249,8 +265,16 @@ at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at:
     const Activations act = prepare(x.data_ptr<float>(), M, k, high != nullptr ? 16.f : 8.f);
     const int64_t ahead = std::max<int64_t>(R, kAheadBytes / (k / 2));  // rows
     float* y = out.data_ptr<float>();
-    over_rows<R>(n, [&](int64_t row0) { rows<M, R>(w, s, high, act, k, n, row0, ahead, y); },
-                 [&](int64_t row) { rows<M, 1>(w, s, high, act, k, n, row, ahead, y); });
+    const auto over = [&](auto five) {
+      constexpr bool Five = decltype(five)::value;
+      over_rows<R>(n, [&](int64_t row0) { rows<M, R, Five>(w, s, high, act, k, n, row0, ahead, y); },
+                   [&](int64_t row) { rows<M, 1, Five>(w, s, high, act, k, n, row, ahead, y); });
+    };
+    if (high != nullptr) {
+      over(std::true_type{});
+    } else {
+      over(std::false_type{});
+    }
     return out;
   });
 }
@@ -318,7 +342,7 @@ void rows8(const int8_t* w, const uint16_t* scales, const Activations8& act, int
     const bool last = t == act.lines - 1;
     for (int r = 0; r < R; ++r) {
       const int8_t* wp = w + (row0 + r) * k + t * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(w + std::min(row0 + r + ahead, n - 1) * k + t * 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + std::min(row0 + r + ahead, n - 1) * k + t * 64), _MM_HINT_T1);
       // past K (a last line of one block) the masked load reads zeros, which meet zero activations
       const __m512i u = _mm512_xor_si512(last ? _mm512_maskz_loadu_epi8(tail, wp) : _mm512_loadu_si512(wp), flip);
       for (int m = 0; m < M; ++m) {

@@ -41,8 +41,9 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kStep = 4;  // groups per step: one cache line of codes
 constexpr int64_t kMaxRows = 16;
 // Prefetch distance in weight bytes. The software prefetches go to L2 (T1), not L1: on a 2-core AMD EPYC
-// (Zen 4) T1 read the weights 20-45 % faster than T0 (int4 / int8 at batch 1, benchmarks/RESULTS.md); without
-// them, 35 % slower; the distance (3-32 KB) hardly mattered.
+// (Zen 4), with two rows at a time, the weights were read 1.24x (int4) and 1.73x (int8) faster at batch 1
+// than with T0 and four rows (benchmarks/RESULTS.md); without prefetches, ~1.5x slower; the distance
+// (3-32 KB) hardly mattered.
 constexpr int64_t kAheadBytes = 8192;
 constexpr int64_t kHighBytes = 16;     // fifth bits per step of 128 weights (5-bit weights only)
 

@@ -27,7 +27,9 @@ from . import cpu_kernel
 
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, a matrix product (int8, or with the weight dequantised)
-OWN_KERNEL_ROWS = 4  # qwenlm's int4/int8 matrix-vector CPU kernels below this many rows (bandwidth-bound)
+# qwenlm's int4/int8 matrix-vector CPU kernels below this many rows (bandwidth-bound): at 4 rows int8's was
+# 1.5x the int8 matrix product and int4's even with PyTorch's kernel (benchmarks/RESULTS.md)
+OWN_KERNEL_ROWS = 5
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # 4-bit fitting works on this many weights at a time (bounded memory)
 SCALE_STEPS = tuple(x / 5 for x in range(-5, 6))  # offsets to the 15 steps of a group's range that are tried
 

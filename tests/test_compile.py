@@ -109,3 +109,17 @@ def test_each_compiled_step_has_entries_of_its_own():
     with torch.no_grad():
         for m in (small, large):
             assert torch.equal(compile_method(m.step, guard_filter_fn=skip_module_bookkeeping)(x), m.step(x))
+
+
+def test_kernel_layouts_are_marked_static_for_the_compiled_step():
+    # layouts that quantised layers keep besides their buffers (qwenlm.compiling.mark_layouts_static): with
+    # dynamic=True each would otherwise bring its own size symbols into the compiled step
+    from qwenlm.quant import cpu_kernel
+    from qwenlm.quant.linear import Int4Linear
+
+    if not cpu_kernel.available():
+        pytest.skip(f"int4/int8 CPU kernels: {cpu_kernel.status()}")
+    m = quantize(random_model(tiny_config(hidden_size=64, kv_channels=16), seed=4), 4).compile_inference()
+    layers = [layer for layer in m.modules() if isinstance(layer, Int4Linear) and layer._path == "own"]
+    assert layers
+    assert all(layer._scales_nk._dynamo_static_indices == {0, 1, 2} for layer in layers)

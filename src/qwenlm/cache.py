@@ -19,7 +19,6 @@ class KVCache:
         self.capacity = capacity
         self.seq_len = 0
         self.ntk_alphas: list[float] | None = None
-        self.dynamic = False  # mark the capacity dimension dynamic for torch.compile
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
 
@@ -37,11 +36,9 @@ class KVCache:
         v_new = [torch.zeros_like(k) for k in k_new]
         for old, new in zip(self._k + self._v, k_new + v_new):
             new[:, :, : self.seq_len] = old[:, :, : self.seq_len]
-        if self.dynamic and not torch.compiler.is_compiling():  # (growing inside the compiled step)
-            from torch._dynamo import maybe_mark_dynamic
-
-            for t in k_new + v_new:
-                maybe_mark_dynamic(t, 2)
+        # not marked dynamic for torch.compile: the compiled passes have dynamic shapes already, and unmarked, the
+        # capacities of all layers' buffers share one size symbol (marked, each took its own: ~0.6 ms more per
+        # compiled decoding step of the demo model, benchmarks/RESULTS.md)
         self._k, self._v = k_new, v_new
         self.capacity = capacity
 

@@ -49,6 +49,19 @@ def compile_method(method: Callable[..., Any], **options: Any) -> Callable[..., 
     return torch.compile(types.MethodType(fresh, method.__self__), dynamic=True, options=options)
 
 
+def mark_layouts_static(model: torch.nn.Module) -> None:
+    """Mark static the tensors that layers with a ``prepare`` method keep besides their parameters and buffers
+    (the kernel layouts of quantised linears): their shapes never change, and with ``dynamic=True`` each would
+    otherwise bring size symbols into the step, to be read and checked on every call."""
+    for module in model.modules():
+        if callable(getattr(module, "prepare", None)):
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor):
+                    torch._dynamo.mark_static(value)
+
+
 def compile_decode_step(method: Callable[..., Any]) -> Callable[..., Any]:
-    """The CPU decoding step ``method`` (bound to its model) compiled as this module describes."""
+    """The CPU decoding step ``method`` (bound to its model, whose layers are prepared) compiled as this module
+    describes."""
+    mark_layouts_static(method.__self__)
     return compile_method(method, cpp_wrapper=True, guard_filter_fn=skip_module_bookkeeping)

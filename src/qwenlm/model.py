@@ -181,9 +181,7 @@ class QwenForCausalLM(nn.Module):
         return self.transformer.wte.weight.dtype
 
     def new_cache(self, capacity: int = 0) -> KVCache:
-        cache = KVCache(self.config.num_hidden_layers, capacity)
-        cache.dynamic = self.compiled  # a new capacity must not recompile the compiled passes
-        return cache
+        return KVCache(self.config.num_hidden_layers, capacity)
 
     def forward(
         self,

@@ -8,6 +8,9 @@ inductor writes around its kernels. So the step is compiled
 - with inductor's C++ wrapper (``cpp_wrapper``): the kernel calls go from C++, not Python;
 - without the guards on the modules' hooks, instance dicts and weight tensors (``skip_module_bookkeeping``).
   The guards on the modules' types and settings, the cache, the inputs and global state stay.
+- with the kernel layouts of quantised layers (tensors they keep besides their buffers) marked static
+  (``mark_layouts_static``), like the weights themselves; the KV cache's buffers are not marked dynamic
+  either (``dynamic=True`` makes their capacity dynamic already, one size symbol for all layers' buffers).
 
 Dropping guards is sound only if nothing they checked changes behind the compiled step's back:
 

@@ -96,7 +96,7 @@ def test_close_to_the_dequantised_product_and_used_by_int4linear():
     assert layer._path == "own"
     ref = x.reshape(2, 896) @ layer.dequantize(torch.float32).t()
     assert ((y.reshape(2, -1) - ref).norm() / ref.norm()).item() < 2e-3  # ~15-bit activations: ~bf16 rounding
-    # from OWN_KERNEL_ROWS rows on PyTorch's kernel is faster and takes over; both agree
+    # from OWN_KERNEL_ROWS rows on PyTorch's kernel takes over; both agree
     x8 = torch.randn(8, 896)
     own = cpu_kernel.int4_gemv(x8, layer.qweight, layer._scales_nk)
     torch.testing.assert_close(layer(x8), own, atol=0.05, rtol=0.02)

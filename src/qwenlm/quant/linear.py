@@ -278,7 +278,7 @@ class Int4Linear(nn.Module):
         if self._own_kernel_fits():
             self._own_layout()
             self._path = "own"
-            if packed_fits:  # PyTorch's kernel is faster from OWN_KERNEL_ROWS rows on
+            if packed_fits:  # PyTorch's kernel takes batches from OWN_KERNEL_ROWS rows on
                 self._kernel_weight()
         elif packed_fits and (device == "cpu" or self._cuda_k_tiles()):
             self._kernel_weight()

@@ -42,6 +42,27 @@ def test_equal_to_sdpa_on_cache_views(batch, heads, kv_heads, length, dim, maske
 
 
 @needs_kernel
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_length_attends_the_first_keys_of_a_whole_buffer(masked):
+    # a static cache's buffers go in whole, with the filled length in a tensor (the exported decoding step)
+    g = torch.Generator().manual_seed(2)
+    k, v = (torch.randn(2, 2, 48, 64, generator=g) for _ in range(2))
+    q = 3 * torch.randn(2, 14, 1, 64, generator=g)
+    bias = torch.zeros(2, 1, 1, 48)
+    if masked:
+        bias[1, ..., :5] = torch.finfo(torch.float32).min
+    for n in (1, 17, 48):
+        got = cpu_kernel.decode_attention(q, k, v, bias, torch.tensor([n]))
+        want = cpu_kernel.decode_attention(q, k[:, :, :n], v[:, :, :n], bias[..., :n].contiguous())
+        assert torch.equal(got, want)
+    for bad in (0, 49):
+        with pytest.raises(RuntimeError, match=f"length {bad} outside 1..48"):
+            cpu_kernel.decode_attention(q, k, v, bias, torch.tensor([bad]))
+    with pytest.raises(RuntimeError, match="one int64"):
+        cpu_kernel.decode_attention(q, k, v, bias, torch.tensor([3.0]))
+
+
+@needs_kernel
 def test_bf16_cache():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 1, 64, generator=g).bfloat16()

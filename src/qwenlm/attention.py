@@ -93,6 +93,10 @@ class Attention(nn.Module):
         self._own_decode = None
         return super()._apply(fn, recurse)
 
+    @property
+    def prepared(self) -> bool:
+        return self._own_decode is not None
+
     def forward(
         self,
         x: torch.Tensor,  # (B, T, hidden)

@@ -1,5 +1,8 @@
 """``torch.compile`` of the one-token decoding step on CPU, where what runs around the kernels counts.
 
+(The step compiled ahead of time, ``generation.exported``, goes further: no dynamo at all per token. This
+one serves where that one does not apply or cannot be built, and with ``compile_inference(ahead_of_time=False)``.)
+
 A step of the demo model in int4 reads ~340 MB in ~20 ms; around its 145 kernel calls, the compiled step
 spent ~2 ms in dynamo's guards (4,819 of them, most on the bookkeeping of the 245 modules: empty hook
 dicts, attributes not shadowed, the weights' tensor metadata) and ~1.3 ms in the Python wrapper that
@@ -8,7 +11,7 @@ inductor writes around its kernels. So the step is compiled
 - with inductor's C++ wrapper (``cpp_wrapper``): the kernel calls go from C++, not Python;
 - without the guards on the modules' hooks, instance dicts and weight tensors (``skip_module_bookkeeping``).
   The guards on the modules' types and settings, the cache, the inputs and global state stay.
-- with the kernel layouts of quantised layers (tensors they keep besides their buffers) marked static
+- with the kernel layouts of quantised layers (buffers that are not saved) marked static
   (``mark_layouts_static``), like the weights themselves; the KV cache's buffers are not marked dynamic
   either (``dynamic=True`` makes their capacity dynamic already, one size symbol for all layers' buffers).
 
@@ -53,12 +56,12 @@ def compile_method(method: Callable[..., Any], **options: Any) -> Callable[..., 
 
 
 def mark_layouts_static(model: torch.nn.Module) -> None:
-    """Mark static the tensors that layers with a ``prepare`` method keep besides their parameters and buffers
-    (the kernel layouts of quantised linears): their shapes never change, and with ``dynamic=True`` each would
-    otherwise bring size symbols into the step, to be read and checked on every call."""
+    """Mark static the buffers and tensors of layers with a ``prepare`` method (the kernel layouts of quantised
+    linears): their shapes never change, and with ``dynamic=True`` each would otherwise bring size symbols
+    into the step, to be read and checked on every call."""
     for module in model.modules():
         if callable(getattr(module, "prepare", None)):
-            for value in vars(module).values():
+            for value in [*module.buffers(recurse=False), *vars(module).values()]:
                 if isinstance(value, torch.Tensor):
                     torch._dynamo.mark_static(value)
 

@@ -20,6 +20,7 @@ from .attention import Attention, AttentionMask
 from .cache import KVCache
 from .compiling import compile_decode_step
 from .config import QwenConfig
+from .generation.exported import ExportedDecoder
 from .generation.graphs import GraphDecoder
 from .longctx import DynamicNTK, LogNScaling, NoLogN, PlainRoPE, WindowSchedule, position_policies, window_schedule
 from .rope import RotaryEmbedding
@@ -163,6 +164,7 @@ class QwenForCausalLM(nn.Module):
         self.tokenizer = None  # set by from_pretrained when the checkpoint carries one
         self._compiled: dict[str, Any] | None = None  # set by compile_inference()
         self._graphs: GraphDecoder | None = None  # set by use_cuda_graphs() / compile_inference() on CUDA
+        self._exported: ExportedDecoder | None = None  # set by compile_inference() on CPU
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto", **kwargs: Any):
@@ -225,6 +227,10 @@ class QwenForCausalLM(nn.Module):
         replayed from CUDA graphs after ``use_cuda_graphs``."""
         if self._graphs is not None and self._graphs.supports(cache):
             return self._graphs.step(input_ids, attention_mask, cache)
+        if self._exported is not None and self._exported.supports(cache):
+            logits = self._exported.step(input_ids, attention_mask, cache)
+            if logits is not None:
+                return logits
         if self._compiled is not None and "decode" in self._compiled:
             self._reserve(cache, input_ids)
             return self._compiled["decode"](input_ids, attention_mask, cache)
@@ -238,7 +244,7 @@ class QwenForCausalLM(nn.Module):
         cache.reserve(input_ids.shape[0], c.n_kv_heads, c.head_dim, cache.seq_len + input_ids.shape[1], self.dtype,
                       self.device)  # fmt: skip
 
-    def compile_inference(self, enabled: bool = True) -> QwenForCausalLM:
+    def compile_inference(self, enabled: bool = True, ahead_of_time: bool = True) -> QwenForCausalLM:
         """Run inference through ``torch.compile`` (inductor): the decoder stack of every ``forward`` without
         gradients (prefill, scoring; dynamic shapes) and the one-token ``decode_step`` (on CPU with dynamic
         shapes; on CUDA with static shapes, recorded in CUDA graphs, see ``use_cuda_graphs``). New cache
@@ -246,9 +252,12 @@ class QwenForCausalLM(nn.Module):
         The first passes
         pay the compilation (about two minutes each for prefill and decoding of the demo model on 2 CPU cores);
         ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again.
-        The CPU decoding step skips dynamo's guards on the modules' hooks and weights (``qwenlm.compiling``):
-        hooks registered afterwards are not run by it (call ``compile_inference()`` again). Call it after moving
-        the model to its device."""
+        On CPU the decoding step is compiled ahead of time by AOTInductor (``generation.exported``: no dynamo
+        at each token; ~30-45 s per batch size for the demo model); ``ahead_of_time=False``, or where that step
+        does not apply (window attention) or cannot be built, it goes through ``torch.compile``, skipping
+        dynamo's guards on the modules' hooks and weights (``qwenlm.compiling``). Either way, hooks registered
+        afterwards are not run by it (call ``compile_inference()`` again). Call it after moving the model to
+        its device."""
         if enabled:
             # the rotary table exists before the first compiled pass, which would otherwise build it and so
             # be compiled for a state that the next pass no longer sees
@@ -259,8 +268,9 @@ class QwenForCausalLM(nn.Module):
                 self._graphs = GraphDecoder(self, compile=True)
             else:
                 self._compiled["decode"] = compile_decode_step(self._decode)
+                self._exported = ExportedDecoder(self) if ahead_of_time else None
         else:
-            self._compiled = self._graphs = None
+            self._compiled = self._graphs = self._exported = None
         return self
 
     def use_cuda_graphs(self, enabled: bool = True) -> QwenForCausalLM:
@@ -271,12 +281,13 @@ class QwenForCausalLM(nn.Module):
         self._graphs = GraphDecoder(self) if enabled else None
         return self
 
-    def prepare_layers(self) -> None:
+    def prepare_layers(self, again: bool = True) -> None:
         """Let layers that choose a kernel per device (quantised linears) do so now, outside compiled or
-        recorded passes, which would otherwise capture the choosing."""
+        recorded passes, which would otherwise capture the choosing. ``again=False``: only layers that have
+        not chosen yet (new, moved or cast ones), so that the others keep their layouts."""
         for module in self.modules():
             prepare = getattr(module, "prepare", None)
-            if callable(prepare) and module is not self:
+            if callable(prepare) and module is not self and (again or not getattr(module, "prepared", False)):
                 prepare()
 
     @property
@@ -293,7 +304,7 @@ class QwenForCausalLM(nn.Module):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         for key, value in self.__dict__.items():
-            clone.__dict__[key] = None if key in ("_compiled", "_graphs") else copy.deepcopy(value, memo)
+            clone.__dict__[key] = None if key in ("_compiled", "_graphs", "_exported") else copy.deepcopy(value, memo)
         return clone
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

@@ -2,14 +2,9 @@
 
 At batch 1 a GPU finishes each of a 7B model's ~1,000 small kernels faster than Python can launch the next,
 so eager decoding is bound by launch overhead, not by memory bandwidth. A graph needs every shape and every
-buffer address fixed, so the step here differs from the eager one in three ways (the result is the same):
-
-- keys and values live in a *slot*: static buffers of a fixed capacity (the cache's need, rounded up to
-  ``CAPACITY_STEP``), which the ``KVCache`` adopts; the new token's keys are written at a position held in
-  a device tensor (``index_copy_``), not at a Python slice;
-- attention runs over the whole capacity; columns after the position and padding columns are masked with
-  the most negative finite value, as the eager mask does, so they get weight exactly 0;
-- the rotary and LogN tables are indexed with the position tensor.
+buffer address fixed, so the step recorded is ``static_step.static_decode``: keys and values live in a *slot*,
+static buffers of a fixed capacity (the cache's need, rounded up to ``CAPACITY_STEP``) that the ``KVCache``
+adopts, and the position is a device tensor (the result is the eager step's).
 
 A slot is recorded once per (batch, capacity, NTK alphas) and replayed for every later token and later
 generation of that shape; the recording (two warm-up steps and the capture) takes a fraction of a second,
@@ -25,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from ..cache import KVCache
+from .static_step import static_decode
 
 if TYPE_CHECKING:
     from ..model import QwenForCausalLM
@@ -43,7 +38,6 @@ class _Slot:
     ids: torch.Tensor  # (B, 1) token ids fed this step
     pos: torch.Tensor  # (1,) position of the new token
     valid: torch.Tensor  # (B, capacity) bool: padding mask over the columns up to the position
-    columns: torch.Tensor  # (capacity,) 0..capacity-1
     cos: torch.Tensor  # (A, capacity, rotary_dim) rotary tables, one per NTK alpha
     sin: torch.Tensor
     logn: torch.Tensor | None  # (capacity,) LogN query factors, or None
@@ -55,7 +49,7 @@ class _Slot:
 
     @property
     def capacity(self) -> int:
-        return self.columns.shape[0]
+        return self.valid.shape[1]
 
 
 class GraphDecoder:
@@ -121,7 +115,6 @@ class GraphDecoder:
                 ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
                 pos=torch.zeros(1, dtype=torch.long, device=device),
                 valid=torch.ones(batch, capacity, dtype=torch.bool, device=device),
-                columns=torch.arange(capacity, device=device),
                 cos=cos[:, 0].clone(),
                 sin=sin[:, 0].clone(),
                 logn=logn.to(device).clone() if logn is not None else None,
@@ -167,27 +160,5 @@ class GraphDecoder:
         slot.graph = graph
         return logits
 
-    # -- the static step --------------------------------------------------------------------------------
     def _step(self, slot: _Slot) -> torch.Tensor:
-        with torch.no_grad():
-            t = self.model.transformer
-            h = t.drop(t.wte(slot.ids))  # (B, 1, hidden)
-            cos = slot.cos.index_select(1, slot.pos)[:, None]  # (A, 1, 1, d)
-            sin = slot.sin.index_select(1, slot.pos)[:, None]
-            visible = slot.valid & (slot.columns <= slot.pos)  # (B, capacity)
-            bias = torch.zeros(visible.shape, dtype=h.dtype, device=h.device)
-            bias = bias.masked_fill(~visible, torch.finfo(h.dtype).min)[:, None, None, :]  # (B, 1, 1, capacity)
-            logn = slot.logn.index_select(0, slot.pos) if slot.logn is not None else None
-            for i, block in enumerate(t.h):
-                attn = block.attn
-                q, k, v = attn.project(block.ln_1(h), cos, sin)
-                slot.k[i].index_copy_(2, slot.pos, k)
-                slot.v[i].index_copy_(2, slot.pos, v)
-                if logn is not None:
-                    q = q * logn.to(q.dtype)
-                y = F.scaled_dot_product_attention(
-                    q, slot.k[i], slot.v[i], attn_mask=bias, enable_gqa=attn.n_kv_heads != attn.n_heads
-                )
-                h = h + attn.output(y)
-                h = h + block.mlp(block.ln_2(h))
-            return self.model.lm_head(t.ln_f(h)[:, -1])
+        return static_decode(self.model, slot.ids, slot.pos, slot.valid, slot.cos, slot.sin, slot.logn, slot.k, slot.v)

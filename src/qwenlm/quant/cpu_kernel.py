@@ -85,6 +85,11 @@ def _build() -> str | None:
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("qwenlm_cpu::decode_attention_upto")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, length: torch.Tensor
+          ) -> torch.Tensor:  # fmt: skip
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("qwenlm_cpu::argmax_rows")
     def _(x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], dtype=torch.int64)
@@ -158,12 +163,16 @@ def high_bits_layout(bits: torch.Tensor) -> torch.Tensor:
     return pack_bits(planes).reshape(n, steps * 16).contiguous()
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+                     length: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Attention of one new token per row: ``q`` (B, H, 1, D), ``k``/``v`` (B, KVH, L, D) float32 or bfloat16
     with contiguous rows (KV-cache views), H a multiple of KVH (grouped queries), D 64 or 128; ``bias``
-    (B or 1, 1, 1, L) added to the scores. Scale 1/sqrt(D), as SDPA's default; (B, H, 1, D) in q's dtype."""
-    return torch.ops.qwenlm_cpu.decode_attention(q, k, v, bias)
+    (B or 1, 1, 1, L) added to the scores. ``length``: one int64 n (1 <= n <= L) in a tensor: only the first n
+    keys are attended (a preallocated cache's filled part, read from the tensor when the kernel runs, so a
+    compiled step need not know it). Scale 1/sqrt(D), as SDPA's default; (B, H, 1, D) in q's dtype."""
+    if length is None:
+        return torch.ops.qwenlm_cpu.decode_attention(q, k, v, bias)
+    return torch.ops.qwenlm_cpu.decode_attention_upto(q, k, v, bias, length)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -662,8 +662,8 @@ void attend_one(const float* q, const T* k, const T* v, const float* bias, int64
 
 template <typename T, int D>
 void attend(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const float* bias, int64_t bias_batch,
-            float scale, at::Tensor& out) {
-  const int64_t b = k.size(0), kvh = k.size(1), len = k.size(2), g_heads = qf.size(1) / kvh;
+            int64_t len, float scale, at::Tensor& out) {
+  const int64_t b = k.size(0), kvh = k.size(1), bias_row = k.size(2), g_heads = qf.size(1) / kvh;
   const T* kp = reinterpret_cast<const T*>(k.data_ptr());
   const T* vp = reinterpret_cast<const T*>(v.data_ptr());
   const float* qp = qf.data_ptr<float>();
@@ -674,7 +674,7 @@ void attend(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, cons
       const int64_t row = item / kvh, head = item % kvh;
       const int64_t q_at = (row * qf.size(1) + head * g_heads) * D;
       attend_one<T, D>(qp + q_at, kp + row * k.stride(0) + head * k.stride(1), vp + row * v.stride(0) + head * v.stride(1),
-                       bias != nullptr ? bias + (bias_batch == 1 ? 0 : row) * len : nullptr, g_heads, len,
+                       bias != nullptr ? bias + (bias_batch == 1 ? 0 : row) * bias_row : nullptr, g_heads, len,
                        k.stride(2), v.stride(2), scale, op + q_at, scores);
     }
   });
@@ -682,16 +682,16 @@ void attend(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, cons
 
 template <typename T>
 void attend_sized(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const float* bias,
-                  int64_t bias_batch, float scale, at::Tensor& out) {
+                  int64_t bias_batch, int64_t len, float scale, at::Tensor& out) {
   if (k.size(3) == 64) {
-    attend<T, 64>(qf, k, v, bias, bias_batch, scale, out);
+    attend<T, 64>(qf, k, v, bias, bias_batch, len, scale, out);
   } else {
-    attend<T, 128>(qf, k, v, bias, bias_batch, scale, out);
+    attend<T, 128>(qf, k, v, bias, bias_batch, len, scale, out);
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& bias_in) {
+at::Tensor attention_of_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& length_in) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
               "decode_attention: q (B, H, 1, D), k and v (B, KVH, L, D)");
   TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 &&
@@ -701,6 +701,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
               "decode_attention: k and v both float32 or both bfloat16");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v rows must be contiguous");
+  int64_t len = k.size(2);  // the keys attended: all, or the first `length` (a static cache's filled part)
+  if (length_in.has_value()) {
+    TORCH_CHECK(length_in->numel() == 1 && length_in->scalar_type() == at::kLong && length_in->device().is_cpu(),
+                "decode_attention: length must be one int64 on the CPU");
+    len = length_in->contiguous().data_ptr<int64_t>()[0];
+    TORCH_CHECK(len >= 1 && len <= k.size(2), "decode_attention: length ", len, " outside 1..", k.size(2));
+  }
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::Tensor bias;
   int64_t bias_batch = 1;
@@ -715,11 +722,24 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const float scale = 1.f / std::sqrt(static_cast<float>(k.size(3)));
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   if (k.scalar_type() == at::kFloat) {
-    attend_sized<float>(qf, k, v, bp, bias_batch, scale, out);
+    attend_sized<float>(qf, k, v, bp, bias_batch, len, scale, out);
   } else {
-    attend_sized<uint16_t>(qf, k, v, bp, bias_batch, scale, out);
+    attend_sized<uint16_t>(qf, k, v, bp, bias_batch, len, scale, out);
   }
   return out.to(q.scalar_type());
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& bias) {
+  return attention_of_one(q, k, v, bias, std::nullopt);
+}
+
+// the first `length` keys only (a tensor: a static cache's filled part). An op of its own, not an argument
+// of decode_attention: steps compiled before it existed (inductor's caches) call decode_attention with
+// its four arguments
+at::Tensor decode_attention_upto(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& length) {
+  return attention_of_one(q, k, v, bias, length);
 }
 
 // -- argmax over the vocabulary -----------------------------------------------------------------------
@@ -775,6 +795,7 @@ TORCH_LIBRARY(qwenlm_cpu, m) {
   m.def("int8_matmul(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("int4_to_int8(Tensor packed, Tensor scales_zeros, Tensor? high=None) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None) -> Tensor");
+  m.def("decode_attention_upto(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor length) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
 }
 
@@ -784,5 +805,6 @@ TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int4_to_int8", &int4_to_int8);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_attention_upto", &decode_attention_upto);
   m.impl("argmax_rows", &argmax_rows);
 }

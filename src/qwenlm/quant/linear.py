@@ -126,6 +126,10 @@ class Int8Linear(nn.Module):
         self._own = None
         return super()._apply(fn, recurse)
 
+    @property
+    def prepared(self) -> bool:
+        return self._own is not None
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach().float()
@@ -191,6 +195,10 @@ class Int4Linear(nn.Module):
             "scales_and_zeros", torch.empty(groups, out_features, 2, dtype=KERNEL_DTYPE, device=device)
         )
         self.bias = nn.Parameter(torch.empty(out_features, device=device)) if bias else None
+        # the kernels' layouts, made by prepare(): buffers, so that compiled and exported steps know them by
+        # name (qwenlm.generation.exported binds an exported step to them), but not saved (state_dict)
+        for name in ("_packed", "_scales_nk", "_high_nk"):
+            self.register_buffer(name, None, persistent=False)
         self._forget_kernel_state()
 
     def _forget_kernel_state(self) -> None:
@@ -202,6 +210,10 @@ class Int4Linear(nn.Module):
     def _apply(self, fn, recurse=True):  # moved or cast: kernel layouts are made again for the new device
         self._forget_kernel_state()
         return super()._apply(fn, recurse)
+
+    @property
+    def prepared(self) -> bool:
+        return self._path is not None
 
     def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
         self._forget_kernel_state()

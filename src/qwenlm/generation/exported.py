@@ -1,0 +1,197 @@
+"""One-token decoding on CPU from a step compiled ahead of time by AOTInductor: no dynamo, no Python between
+the kernels.
+
+Through ``torch.compile`` a decoding step pays, on every call, dynamo's frame evaluation and guards, the
+gathering of its ~500 inputs (each weight reached through the module tree) and the wrapper around the kernels:
+~1.5-2 ms of a ~15 ms int4 step of the demo model (benchmarks/RESULTS.md). Here the step
+(``static_step.static_decode``) is exported once (``torch.export``), compiled by AOTInductor into a shared
+library and called with only its own inputs: the token ids, the position, the padding mask, the rotary
+tables and the cache's buffers. Their capacity is a dynamic dimension, so a growing cache, a longer prompt or
+a later generation run the same program.
+
+The library holds no copy of the weights: it is bound to the model's own tensors
+(``load_constants(user_managed=True)``), so memory is not doubled and an in-place change of a weight is seen.
+Before the first step on each cache the decoder checks that the model's tensors are still those it is bound
+to; a cast, a move, a swapped layer or layers prepared again make new tensors, and it compiles again.
+
+One program is compiled per (batch size, rows of NTK alphas, LogN table or not): ~30-45 s for the demo model
+on 2 cores, against ~3 minutes for its dynamo-compiled step. Window attention, training and gradients use
+the other steps; where export or compilation fails, the decoder says why (a warning) and steps aside.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from .static_step import static_decode
+
+if TYPE_CHECKING:
+    from ..model import QwenForCausalLM
+
+MAX_PROGRAMS = 8  # compiled shapes kept per model (as dynamo keeps 8 entries per code object)
+EXAMPLE_CAPACITY = 16  # the capacity of the example cache traced (the smallest a KVCache allocates)
+
+
+class _Static(nn.Module):
+    """``static_decode`` as a module, the model a submodule: its weights are named by their paths."""
+
+    def __init__(self, model: QwenForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, pos, valid, cos, sin, logn, keys, values):  # (the arguments of static_decode)
+        return static_decode(self.model, ids, pos, valid, cos, sin, logn, keys, values)
+
+
+class _Step(nn.Module):
+    """The exported step: ``_Static`` with the model's tensors as inputs (``functional_call``), so that the
+    compiled program holds none of them and runs on whichever tensors it is handed."""
+
+    def __init__(self, model: QwenForCausalLM, names: list[str]) -> None:
+        super().__init__()
+        self.inner = _Static(model)
+        self.names = names
+
+    def forward(self, ids, pos, valid, cos, sin, logn, keys, values, weights):
+        state = dict(zip(self.names, weights))
+        return torch.func.functional_call(self.inner, state, (ids, pos, valid, cos, sin, logn, keys, values))
+
+
+@dataclass
+class _Program:
+    run: Any  # the loaded library's boxed_run: a list of input tensors -> a list of outputs
+    names: list[str]  # the model's tensors it takes after the step's own inputs, by path
+    weights: list[torch.Tensor]  # those tensors
+    layouts: list[tuple]  # their layouts when it was compiled (a cast changes a parameter's in place)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+@dataclass
+class _Tables:
+    """The inputs that depend only on (batch, capacity, alphas): made once per cache shape."""
+
+    key: tuple
+    valid: torch.Tensor  # (B, capacity) all True: no padding
+    cos: torch.Tensor  # (A, capacity, rotary_dim)
+    sin: torch.Tensor
+    logn: torch.Tensor | None  # (capacity,)
+
+
+class ExportedDecoder:
+    """``decode_step`` on AOTInductor-compiled programs (see the module doc); CPU models only."""
+
+    def __init__(self, model: QwenForCausalLM) -> None:
+        self.model = model
+        self.failure: str | None = None  # why no program could be made; the decoder then steps aside
+        self._programs: dict[tuple, _Program] = {}
+        self._tables: _Tables | None = None
+        self._last_cache: Any = None  # weakref to the cache of the previous step
+
+    def supports(self, cache: KVCache) -> bool:
+        m = self.model
+        return (self.failure is None and not m.training and not torch.is_grad_enabled()
+                and m.transformer.windows is None and bool(cache._k))  # fmt: skip
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor | None:
+        """Next-token logits (B, vocab) after ``input_ids`` (B, 1) on top of ``cache``, as ``decode_step``; None
+        (with a warning, once) where no program can be compiled for this model: the caller takes another step."""
+        m = self.model
+        batch, pos = input_ids.shape[0], cache.seq_len
+        if attention_mask is not None and attention_mask.shape[-1] != pos + 1:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
+                f"{pos + 1}; pass a mask for the whole sequence so far"
+            )
+        m._reserve(cache, input_ids)
+        if self._last_cache is None or self._last_cache() is not cache:  # a new generation: still our weights?
+            self._forget_stale()
+            self._last_cache = weakref.ref(cache)
+        tables = self._tables_for(batch, cache._k[0].shape[2], tuple(cache.ntk_alphas or [1.0]))
+        key = (batch, tables.cos.shape[0], tables.logn is not None)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._compile(key, cache, tables)
+            if program is None:
+                return None
+        valid = tables.valid
+        if attention_mask is not None:
+            valid = torch.zeros_like(valid)
+            valid[:, : pos + 1] = attention_mask.bool()
+        inputs = [input_ids.long().contiguous(), torch.tensor([pos]), valid, tables.cos, tables.sin]
+        inputs += [tables.logn] if tables.logn is not None else []
+        (logits,) = program.run([*inputs, *cache._k, *cache._v, *program.weights])
+        cache.advance(1)
+        return logits
+
+    # -- inputs -----------------------------------------------------------------------------------------
+    def _tables_for(self, batch: int, capacity: int, alphas: tuple[float, ...]) -> _Tables:
+        key = (batch, capacity, alphas)
+        if self._tables is None or self._tables.key != key:
+            t, c = self.model.transformer, self.model.config
+            cos, sin = t.rotary.cos_sin(0, capacity, list(alphas), self.model.device)  # (A, 1, capacity, d)
+            logn = t.logn.factors(0, capacity, False) if capacity > c.seq_length else None
+            self._tables = _Tables(key, torch.ones(batch, capacity, dtype=torch.bool), cos[:, 0].contiguous(),
+                                   sin[:, 0].contiguous(), logn.contiguous() if logn is not None else None)  # fmt: skip
+        return self._tables
+
+    # -- programs ---------------------------------------------------------------------------------------
+    def _model_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
+        named = [*_Static(self.model).named_parameters(remove_duplicate=False),
+                 *_Static(self.model).named_buffers(remove_duplicate=False)]  # fmt: skip
+        return [n for n, _ in named], [t for _, t in named]
+
+    def _forget_stale(self) -> None:
+        """Hand the programs the model's current tensors where those were replaced by tensors of the same
+        layout (e.g. loaded weights); drop the programs whose tensors changed layout (cast, moved, swapped
+        layers, layers not prepared yet), which compile again."""
+        names, weights = self._model_tensors()
+        for key, program in list(self._programs.items()):
+            if program.names != names or program.layouts != [_layout(w) for w in weights]:
+                del self._programs[key]
+            elif any(a is not b for a, b in zip(program.weights, weights)):
+                program.weights = weights
+
+    def _compile(self, key: tuple, cache: KVCache, tables: _Tables) -> _Program | None:
+        try:
+            program = self._export_and_compile(cache, tables)
+        except Exception as e:  # export or the C++ build failed: the dynamo-compiled or eager step still works
+            self.failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            warnings.warn(f"qwenlm: the ahead-of-time decoding step could not be compiled ({self.failure}); "
+                          "decoding through torch.compile instead", stacklevel=3)  # fmt: skip
+            return None
+        self._programs[key] = program
+        while len(self._programs) > MAX_PROGRAMS:
+            self._programs.pop(next(iter(self._programs)))
+        return program
+
+    def _export_and_compile(self, cache: KVCache, tables: _Tables) -> _Program:
+        self.model.prepare_layers(again=False)  # new layers choose their kernels outside the export
+        names, weights = self._model_tensors()
+        capacity = torch.export.Dim("capacity", min=2)
+        buffers = [{2: capacity}] * len(cache._k)
+        logn = {0: capacity} if tables.logn is not None else None
+        shapes = ({}, {}, {1: capacity}, {1: capacity}, {1: capacity}, logn, buffers, buffers, [{}] * len(weights))
+        n = EXAMPLE_CAPACITY
+        with torch.inference_mode(False), torch.no_grad():  # example inputs: small normal tensors (written in place)
+            kv = [torch.zeros(*b.shape[:2], n, b.shape[3], dtype=b.dtype) for b in cache._k]
+            args = (torch.zeros(tables.valid.shape[0], 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                    tables.valid[:, :n].clone(), tables.cos[:, :n].clone(), tables.sin[:, :n].clone(),
+                    tables.logn[:n].clone() if tables.logn is not None else None,
+                    kv, [k.clone() for k in kv], weights)  # fmt: skip
+            exported = torch.export.export(_Step(self.model, names).eval(), args, dynamic_shapes=shapes)
+        with tempfile.TemporaryDirectory(prefix="qwenlm-aoti-") as folder:
+            path = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(folder) / "step.pt2"))
+            compiled = torch._inductor.aoti_load_package(path)
+        return _Program(compiled.loader.boxed_run, names, weights, [_layout(w) for w in weights])

@@ -29,7 +29,7 @@ import time
 def child_qwenlm(variant: str, args) -> dict:
     """``variant``: a precision, optionally with ``+compile`` (prefill and decode step through torch.compile)
     and ``+torchkernel`` (int4 through PyTorch's kernel instead of qwenlm's AVX-512 one)."""
-    from qwenlm.bench import load_at_precision, run_bench
+    from qwenlm.bench import load_at_precision, run_bench, saved_weight_bytes
     from qwenlm.demo import demo_model_path
     from qwenlm.quant import cpu_kernel
 
@@ -44,8 +44,7 @@ def child_qwenlm(variant: str, args) -> dict:
     r = run_bench(model, prompt_tokens=args.prompt, new_tokens=args.new, runs=args.runs)
     r8 = run_bench(model, prompt_tokens=64, new_tokens=args.batch8_new, batch=8, runs=args.runs)
     # weights read per decoded token: every linear plus one embedding row
-    read = sum(b.numel() * b.element_size() for n, b in list(model.named_parameters()) + list(model.named_buffers())
-               if "wte" not in n)  # fmt: skip
+    read = saved_weight_bytes(model, skip="wte")
     r.update(batch8_tok_s=r8["decode_tok_s"], bytes_per_token=read, load_s=load_s, precision=variant,
              batch8_warmup_s=r8["warmup_s"])  # fmt: skip
     return r

@@ -16,3 +16,18 @@ def test_read_bandwidth_is_a_positive_rate():
 def test_read_bandwidth_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError, match="gib must be > 0 and runs >= 1"):
         read_bandwidth_gb_s(**kwargs)
+
+
+def test_weight_bytes_count_the_saved_weights_not_the_kernel_layouts():
+    # the bandwidth fraction of compare.py divides by these bytes: the kernels' layouts (buffers that are not
+    # saved, e.g. PyTorch's packed int4 copy) are not read by a decoding step and must not count
+    from qwenlm.bench import saved_weight_bytes
+    from qwenlm.quant import quantize
+    from tests.builders import random_model, tiny_config
+
+    m = quantize(random_model(tiny_config(hidden_size=64, kv_channels=16), seed=1), 4)
+    before = saved_weight_bytes(m)
+    m.prepare_layers()
+    assert saved_weight_bytes(m) == before == sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    embedding = m.transformer.wte.weight
+    assert saved_weight_bytes(m, skip="wte") == before - embedding.numel() * embedding.element_size()

@@ -147,6 +147,17 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
     }
 
 
+def saved_weight_bytes(model: torch.nn.Module, skip: str | None = None) -> int:
+    """Bytes of the model's saved tensors (its state dict: not the kernels' extra layouts), each shared tensor
+    once, leaving out those whose name contains ``skip``: what one decoding step reads when ``skip`` names the
+    embedding (one row of it is read)."""
+    seen: dict[tuple[int, torch.dtype], int] = {}
+    for name, t in model.state_dict().items():
+        if skip is None or skip not in name:
+            seen[(t.data_ptr(), t.dtype)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
 def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "cpu", compile: bool = False,
                      cuda_graphs: bool = False, **kwargs: Any) -> dict[str, Any]:  # fmt: skip
     """Load ``path``, convert it to ``precision`` and time it (``compile``, ``cuda_graphs``: see
@@ -155,7 +166,7 @@ def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "c
     model = fast_paths(load_at_precision(path, precision, device), compile, cuda_graphs)
     load_s = time.perf_counter() - t
     out = run_bench(model, **kwargs)
-    weight_bytes = sum(b.numel() * b.element_size() for b in list(model.parameters()) + list(model.buffers()))
+    weight_bytes = saved_weight_bytes(model)
     quant = getattr(model, "quantization", None)
     precision_name = f"int{quant['bits']}" if quant else str(model.dtype).replace("torch.", "")
     out.update(precision=precision_name, load_s=load_s, weight_mb=weight_bytes / 2**20,

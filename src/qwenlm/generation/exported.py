@@ -101,7 +101,7 @@ class ExportedDecoder:
 
     def supports(self, cache: KVCache) -> bool:
         m = self.model
-        return (self.failure is None and not m.training and not torch.is_grad_enabled()
+        return (self.failure is None and m.device.type == "cpu" and not m.training and not torch.is_grad_enabled()
                 and m.transformer.windows is None and bool(cache._k))  # fmt: skip
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor | None:

@@ -112,7 +112,7 @@ def test_each_compiled_step_has_entries_of_its_own():
 
 
 def test_kernel_layouts_are_marked_static_for_the_compiled_step():
-    # layouts that quantised layers keep besides their buffers (qwenlm.compiling.mark_layouts_static): with
+    # the kernel layouts of quantised layers (unsaved buffers; qwenlm.compiling.mark_layouts_static): with
     # dynamic=True each would otherwise bring its own size symbols into the compiled step
     from qwenlm.quant import cpu_kernel
     from qwenlm.quant.linear import Int4Linear

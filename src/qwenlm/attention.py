@@ -22,6 +22,15 @@ from .rope import apply_rotary
 WINDOW_QUERY_BLOCK = 512  # queries per SDPA call in window attention
 
 
+def check_mask_covers(attention_mask: torch.Tensor | None, kv_len: int) -> None:
+    """A padding mask must cover the cached and the new tokens, ``kv_len`` positions."""
+    if attention_mask is not None and attention_mask.shape[-1] != kv_len:
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
+            f"{kv_len}; pass a mask for the whole sequence so far"
+        )
+
+
 class AttentionMask:
     """Which keys each of ``new`` queries may see among ``kv_len`` keys (the last ``new`` are the queries'
     own): causal order, the 1/0 padding mask over all ``kv_len`` positions, and per layer a window.
@@ -32,11 +41,7 @@ class AttentionMask:
     def __init__(
         self, attention_mask: torch.Tensor | None, new: int, kv_len: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        if attention_mask is not None and attention_mask.shape[-1] != kv_len:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
-                f"{kv_len}; pass a mask for the whole sequence so far"
-            )
+        check_mask_covers(attention_mask, kv_len)
         self.attention_mask = attention_mask
         self.new = new
         self.kv_len = kv_len
@@ -223,11 +228,7 @@ def attention_bias(
             return None, True
         allowed = torch.ones(new, kv_len, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
         return torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min), False
-    if attention_mask.shape[-1] != kv_len:
-        raise ValueError(
-            f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
-            f"{kv_len}; pass a mask for the whole sequence so far"
-        )
+    check_mask_covers(attention_mask, kv_len)
     allowed = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, kv_len)
     if new > 1:
         causal = torch.ones(new, kv_len, dtype=torch.bool, device=allowed.device).tril(diagonal=past)

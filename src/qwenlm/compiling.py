@@ -56,14 +56,13 @@ def compile_method(method: Callable[..., Any], **options: Any) -> Callable[..., 
 
 
 def mark_layouts_static(model: torch.nn.Module) -> None:
-    """Mark static the buffers and tensors of layers with a ``prepare`` method (the kernel layouts of quantised
-    linears): their shapes never change, and with ``dynamic=True`` each would otherwise bring size symbols
-    into the step, to be read and checked on every call."""
+    """Mark static the buffers of layers with a ``prepare`` method (the kernel layouts of quantised linears):
+    their shapes never change, and with ``dynamic=True`` each would otherwise bring size symbols into the step,
+    to be read and checked on every call."""
     for module in model.modules():
         if callable(getattr(module, "prepare", None)):
-            for value in [*module.buffers(recurse=False), *vars(module).values()]:
-                if isinstance(value, torch.Tensor):
-                    torch._dynamo.mark_static(value)
+            for buffer in module.buffers(recurse=False):
+                torch._dynamo.mark_static(buffer)
 
 
 def compile_decode_step(method: Callable[..., Any]) -> Callable[..., Any]:

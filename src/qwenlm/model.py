@@ -249,11 +249,11 @@ class QwenForCausalLM(nn.Module):
         gradients (prefill, scoring; dynamic shapes) and the one-token ``decode_step`` (on CPU with dynamic
         shapes; on CUDA with static shapes, recorded in CUDA graphs, see ``use_cuda_graphs``). New cache
         capacities, prompt lengths and a growing attention mask do not recompile on CPU; a new batch size does.
-        The first passes
-        pay the compilation (about 1.5 minutes for the prefill of the demo model on 2 CPU cores, ~40 s for its
-        decoding step); ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again.
+        The first passes pay the compilation (about 1.5 minutes for the prefill of the demo model on 2 CPU cores,
+        ~40 s per batch size for its decoding step); ``qwenlm bench --compile`` shows whether the faster passes
+        repay it. ``enabled=False``: eager again.
         On CPU the decoding step is compiled ahead of time by AOTInductor (``generation.exported``: no dynamo
-        at each token; ~30-45 s per batch size for the demo model); ``ahead_of_time=False``, or where that step
+        at each token); ``ahead_of_time=False``, or where that step
         does not apply (window attention) or cannot be built, it goes through ``torch.compile``, skipping
         dynamo's guards on the modules' hooks and weights (``qwenlm.compiling``). Either way, hooks registered
         afterwards are not run by it (call ``compile_inference()`` again). Call it after moving the model to

@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..attention import check_mask_covers
 from ..cache import KVCache
-from .static_step import static_decode
+from .static_step import position_tables, static_decode
 
 if TYPE_CHECKING:
     from ..model import QwenForCausalLM
@@ -109,11 +110,7 @@ class ExportedDecoder:
         (with a warning, once) where no program can be compiled for this model: the caller takes another step."""
         m = self.model
         batch, pos = input_ids.shape[0], cache.seq_len
-        if attention_mask is not None and attention_mask.shape[-1] != pos + 1:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
-                f"{pos + 1}; pass a mask for the whole sequence so far"
-            )
+        check_mask_covers(attention_mask, pos + 1)
         m._reserve(cache, input_ids)
         if self._last_cache is None or self._last_cache() is not cache:  # a new generation: still our weights?
             self._forget_stale()
@@ -139,17 +136,14 @@ class ExportedDecoder:
     def _tables_for(self, batch: int, capacity: int, alphas: tuple[float, ...]) -> _Tables:
         key = (batch, capacity, alphas)
         if self._tables is None or self._tables.key != key:
-            t, c = self.model.transformer, self.model.config
-            cos, sin = t.rotary.cos_sin(0, capacity, list(alphas), self.model.device)  # (A, 1, capacity, d)
-            logn = t.logn.factors(0, capacity, False) if capacity > c.seq_length else None
-            self._tables = _Tables(key, torch.ones(batch, capacity, dtype=torch.bool), cos[:, 0].contiguous(),
-                                   sin[:, 0].contiguous(), logn.contiguous() if logn is not None else None)  # fmt: skip
+            self._tables = _Tables(key, torch.ones(batch, capacity, dtype=torch.bool),
+                                   *position_tables(self.model, capacity, alphas))  # fmt: skip
         return self._tables
 
     # -- programs ---------------------------------------------------------------------------------------
     def _model_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
-        named = [*_Static(self.model).named_parameters(remove_duplicate=False),
-                 *_Static(self.model).named_buffers(remove_duplicate=False)]  # fmt: skip
+        step = _Static(self.model)
+        named = [*step.named_parameters(remove_duplicate=False), *step.named_buffers(remove_duplicate=False)]
         return [n for n, _ in named], [t for _, t in named]
 
     def _forget_stale(self) -> None:

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..attention import check_mask_covers
 from ..cache import KVCache
-from .static_step import static_decode
+from .static_step import position_tables, static_decode
 
 if TYPE_CHECKING:
     from ..model import QwenForCausalLM
@@ -71,11 +72,7 @@ class GraphDecoder:
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Next-token logits (B, vocab) after ``input_ids`` (B, 1) on top of ``cache``, as ``decode_step``."""
         batch, pos = input_ids.shape[0], cache.seq_len
-        if attention_mask is not None and attention_mask.shape[-1] != pos + 1:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
-                f"{pos + 1}; pass a mask for the whole sequence so far"
-            )
+        check_mask_covers(attention_mask, pos + 1)
         alphas = tuple(cache.ntk_alphas or [1.0])
         # room for the whole generation the cache was sized for, so that one slot serves all of its tokens
         capacity = -(-max(pos + 1, cache.capacity) // CAPACITY_STEP) * CAPACITY_STEP
@@ -104,20 +101,18 @@ class GraphDecoder:
     # -- slots ------------------------------------------------------------------------------------------
     def _new_slot(self, batch: int, capacity: int, alphas: tuple[float, ...]) -> _Slot:
         m, c = self.model, self.model.config
-        t = m.transformer
         device, dtype = m.device, m.dtype
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: written in and out of inference mode
-            cos, sin = t.rotary.cos_sin(0, capacity, list(alphas), device)  # (A, 1, capacity, d)
-            logn = t.logn.factors(0, capacity, False) if capacity > c.seq_length else None
+            cos, sin, logn = position_tables(m, capacity, alphas)
             kv = [torch.zeros(batch, c.n_kv_heads, capacity, c.head_dim, dtype=dtype, device=device)
                   for _ in range(2 * c.num_hidden_layers)]  # fmt: skip
             return _Slot(
                 ids=torch.zeros(batch, 1, dtype=torch.long, device=device),
                 pos=torch.zeros(1, dtype=torch.long, device=device),
                 valid=torch.ones(batch, capacity, dtype=torch.bool, device=device),
-                cos=cos[:, 0].clone(),
-                sin=sin[:, 0].clone(),
-                logn=logn.to(device).clone() if logn is not None else None,
+                cos=cos,
+                sin=sin,
+                logn=logn,
                 k=kv[: c.num_hidden_layers],
                 v=kv[c.num_hidden_layers :],
             )

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..attention import check_mask_covers
 from ..cache import KVCache
 
 DEFAULT_CHUNK = 1024
@@ -36,11 +37,7 @@ def prefill_chunks(
     model._check_ids(input_ids)
     t = input_ids.shape[1]
     past = cache.seq_len
-    if attention_mask is not None and attention_mask.shape[-1] != past + t:
-        raise ValueError(
-            f"attention_mask covers {attention_mask.shape[-1]} positions but the cached + new tokens are "
-            f"{past + t}; pass a mask for the whole sequence so far"
-        )
+    check_mask_covers(attention_mask, past + t)
     if past == 0 and cache.ntk_alphas is None:
         cache.ntk_alphas = model.transformer.ntk.alphas(t, attention_mask, model.training)
     for start in range(0, t, chunk_size):

@@ -27,6 +27,17 @@ if TYPE_CHECKING:
     from ..model import QwenForCausalLM
 
 
+def position_tables(
+    model: QwenForCausalLM, capacity: int, alphas: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fresh rotary tables (A, capacity, rotary_dim) for the NTK ``alphas`` and the LogN query factors
+    (capacity,) where the capacity outgrows the training length (else None), as ``static_decode`` takes them."""
+    t, device = model.transformer, model.device
+    cos, sin = t.rotary.cos_sin(0, capacity, list(alphas), device)  # (A, 1, capacity, d)
+    logn = t.logn.factors(0, capacity, False) if capacity > model.config.seq_length else None
+    return cos[:, 0].clone(), sin[:, 0].clone(), logn.to(device).clone() if logn is not None else None
+
+
 def static_decode(
     model: QwenForCausalLM,
     ids: torch.Tensor,  # (B, 1) token ids

@@ -8,7 +8,8 @@ Each engine runs in its own process (so peak memory is its own), on the same GGU
 GGUF, HF transformers runs its own Qwen2ForCausalLM on the weights dequantised to fp32 (cast for bf16), and
 llama.cpp (llama-cpp-python, n_threads=--threads) runs the GGUF as shipped. Medians of --runs after a warm-up.
 ``+compile`` runs qwenlm's prefill and decode step through torch.compile (compilation time: ``warmup_s`` in the
-JSON); ``+torchkernel`` decodes int4 with PyTorch's kernel instead of qwenlm's own (``quant.cpu_kernel``);
+JSON, shorter where a decoding program was kept on disk by an earlier run: ``programs_from_disk``);
+``+torchkernel`` decodes int4 with PyTorch's kernel instead of qwenlm's own (``quant.cpu_kernel``);
 ``+keepfreed`` on an ``hf-`` engine runs HF with qwenlm's allocator setting (``qwenlm.allocator``; plain ``hf-``
 engines keep glibc's defaults, as HF's users do). ``pre/HFbest`` is prefill against the fastest ``hf-`` engine
 of the run. Bandwidth fraction = bytes of weights read per decoded token x tokens/s / the machine's read bandwidth,
@@ -46,7 +47,7 @@ def child_qwenlm(variant: str, args) -> dict:
     # weights read per decoded token: every linear plus one embedding row
     read = saved_weight_bytes(model, skip="wte")
     r.update(batch8_tok_s=r8["decode_tok_s"], bytes_per_token=read, load_s=load_s, precision=variant,
-             batch8_warmup_s=r8["warmup_s"])  # fmt: skip
+             batch8_warmup_s=r8["warmup_s"], programs_from_disk=r8["programs_from_disk"])  # fmt: skip
     return r
 
 

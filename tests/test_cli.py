@@ -84,7 +84,7 @@ def test_bench_json(ckpt):
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "precision", "threads"):
         assert key in result
     assert result["precision"] == "int8" and result["decode_tok_s"] > 0
-    assert result["compiled"] is False and result["warmup_s"] > 0
+    assert result["compiled"] is False and result["warmup_s"] > 0 and result["programs_from_disk"] == 0
     assert result["cuda_graphs"] is False  # the default --cuda-graphs does nothing on a CPU model
 
 

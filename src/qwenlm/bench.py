@@ -139,7 +139,8 @@ def run_bench(model: QwenForCausalLM, prompt_tokens: int = 512, new_tokens: int 
         "threads": torch.get_num_threads(),
         "compiled": bool(getattr(model, "compiled", False)),
         "cuda_graphs": bool(getattr(model, "cuda_graphs", False)),
-        "warmup_s": warmup_s,
+        "warmup_s": warmup_s,  # with compile_inference: the compilation, less where a program was stored
+        "programs_from_disk": exported.programs_from_store if (exported := getattr(model, "_exported", None)) else 0,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "batch": batch,

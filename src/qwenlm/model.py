@@ -250,8 +250,8 @@ class QwenForCausalLM(nn.Module):
         shapes; on CUDA with static shapes, recorded in CUDA graphs, see ``use_cuda_graphs``). New cache
         capacities, prompt lengths and a growing attention mask do not recompile on CPU; a new batch size does.
         The first passes pay the compilation (about 1.5 minutes for the prefill of the demo model on 2 CPU cores,
-        ~40 s per batch size for its decoding step); ``qwenlm bench --compile`` shows whether the faster passes
-        repay it. ``enabled=False``: eager again.
+        ~40-80 s per batch size for its decoding step, which is then kept on disk: ~8 s in a later process);
+        ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again.
         On CPU the decoding step is compiled ahead of time by AOTInductor (``generation.exported``: no dynamo
         at each token); ``ahead_of_time=False``, or where that step
         does not apply (window attention) or cannot be built, it goes through ``torch.compile``, skipping

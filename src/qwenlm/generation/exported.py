@@ -9,23 +9,25 @@ library and called with only its own inputs: the token ids, the position, the pa
 tables and the cache's buffers. Their capacity is a dynamic dimension, so a growing cache, a longer prompt or
 a later generation run the same program.
 
-The library holds no copy of the weights: it is bound to the model's own tensors
-(``load_constants(user_managed=True)``), so memory is not doubled and an in-place change of a weight is seen.
-Before the first step on each cache the decoder checks that the model's tensors are still those it is bound
-to; a cast, a move, a swapped layer or layers prepared again make new tensors, and it compiles again.
+The library holds no copy of the weights: the model's tensors are inputs of the program (inductor's own
+constants, such as the group size of PyTorch's int4 kernel, are all it keeps), so memory is not doubled and an
+in-place change of a weight is seen. Before the first step on each cache the decoder checks the model's tensors
+against the layouts the program was compiled for: a tensor of the same layout put in a weight's place is handed
+over; a cast, a move, a swapped layer of another kind or layers prepared again drop the program, which is made
+again.
 
-One program is compiled per (batch size, rows of NTK alphas, LogN table or not): ~30-45 s for the demo model
-on 2 cores, against ~3 minutes for its dynamo-compiled step. Window attention, training and gradients use
-the other steps; where export or compilation fails, the decoder says why (a warning) and steps aside.
+One program is made per (batch size, rows of NTK alphas, LogN table or not). Compiling it takes ~40-80 s for
+the demo model on 2 cores (its dynamo-compiled step ~3 minutes); it is then kept on disk
+(``generation.program_store``), so a later process only exports the step again (~6 s) and loads it. Window
+attention, training and gradients use the other steps; where export or compilation fails, the decoder says
+why (a warning) and steps aside.
 """
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +35,7 @@ from torch import nn
 
 from ..attention import check_mask_covers
 from ..cache import KVCache
+from . import program_store
 from .static_step import position_tables, static_decode
 
 if TYPE_CHECKING:
@@ -73,6 +76,7 @@ class _Program:
     names: list[str]  # the model's tensors it takes after the step's own inputs, by path
     weights: list[torch.Tensor]  # those tensors
     layouts: list[tuple]  # their layouts when it was compiled (a cast changes a parameter's in place)
+    from_store: bool  # loaded from disk, not compiled in this process
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -104,6 +108,11 @@ class ExportedDecoder:
         m = self.model
         return (self.failure is None and m.device.type == "cpu" and not m.training and not torch.is_grad_enabled()
                 and m.transformer.windows is None and bool(cache._k))  # fmt: skip
+
+    @property
+    def programs_from_store(self) -> int:
+        """How many of the programs in use were loaded from disk rather than compiled in this process."""
+        return sum(p.from_store for p in self._programs.values())
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor | None:
         """Next-token logits (B, vocab) after ``input_ids`` (B, 1) on top of ``cache``, as ``decode_step``; None
@@ -185,7 +194,5 @@ class ExportedDecoder:
                     tables.logn[:n].clone() if tables.logn is not None else None,
                     kv, [k.clone() for k in kv], weights)  # fmt: skip
             exported = torch.export.export(_Step(self.model, names).eval(), args, dynamic_shapes=shapes)
-        with tempfile.TemporaryDirectory(prefix="qwenlm-aoti-") as folder:
-            path = torch._inductor.aoti_compile_and_package(exported, package_path=str(Path(folder) / "step.pt2"))
-            compiled = torch._inductor.aoti_load_package(path)
-        return _Program(compiled.loader.boxed_run, names, weights, [_layout(w) for w in weights])
+        compiled, from_store = program_store.load_or_compile(exported)
+        return _Program(compiled.loader.boxed_run, names, weights, [_layout(w) for w in weights], from_store)

@@ -130,3 +130,18 @@ def test_generate_without_model_runs_the_demo():
     assert r.returncode == 0, r.stderr
     assert "using the demo model" in r.stderr and r.stdout.startswith("def add(a, b):")
     assert len(r.stdout.strip()) > len("def add(a, b):")
+
+
+def test_quantize_while_loading(ckpt):
+    plain = json.loads(run("info", "--model", str(ckpt), "--json").stdout)
+    r = run("info", "--model", str(ckpt), "--quantize", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    int8 = json.loads(r.stdout)
+    assert plain["linear_weights"] == ["float"] and int8["linear_weights"] == ["int8"]
+    # counted though int8 weights are buffers, not parameters; the float embedding is half of the tiny model
+    assert int8["weight_bytes"] < 0.7 * plain["weight_bytes"]
+    r = run("generate", "--model", str(ckpt), "Hello", "--max-new-tokens", "4", "--quantize", "4")
+    assert r.returncode == 0, r.stderr
+    assert "(int4 linears, torch.float32, cpu)" in r.stderr and r.stdout.startswith("Hello")
+    bad = run("generate", "--model", str(ckpt), "Hello", "--quantize", "3")
+    assert bad.returncode == 2 and "invalid choice: 3" in bad.stderr

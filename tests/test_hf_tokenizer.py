@@ -142,9 +142,9 @@ def test_real_vocabulary_round_trip_and_transformers(tmp_path):
 
     path = demo_model_or_skip()
     tok = read_gguf_tokenizer(path)
-    template = open_gguf(path).fields["tokenizer.chat_template"].contents()
+    template = open_gguf(path).metadata["tokenizer.chat_template"]
     save_hf_tokenizer(tok, tmp_path, chat_template=template)
-    gguf_merges = open_gguf(path).fields["tokenizer.ggml.merges"].contents()
+    gguf_merges = open_gguf(path).metadata["tokenizer.ggml.merges"]
     assert (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] == gguf_merges
     assert tok.mergeable_ranks == load_tiktoken_bpe(shared_path("qwen-7b", "qwen.tiktoken"))
     same(load_hf_tokenizer(tmp_path), tok)

@@ -27,6 +27,11 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="checkpoint folder or .gguf file (default: the demo model, see README)")  # fmt: skip
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--quantize", type=int, choices=[8, 4],
+                   help="weight-only quantisation of the linear layers while loading: 8 (int8 per output channel) "
+                        "or 4 (int4 in groups of 32; a GGUF's 4- and 5-bit tensors keep their codes). Several "
+                        "times faster decoding on CPU, within a few %% of the perplexity (benchmarks/RESULTS.md); "
+                        "default: the checkpoint's own weights")  # fmt: skip
     p.add_argument(
         "--ntk",
         action=argparse.BooleanOptionalAction,
@@ -76,11 +81,13 @@ def _load(args: argparse.Namespace):
     start = time.perf_counter()
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=args.dtype, device=args.device, ntk=getattr(args, "ntk", None),
-                       logn=getattr(args, "logn", None), window=getattr(args, "window", None))  # fmt: skip
+                       logn=getattr(args, "logn", None), window=getattr(args, "window", None),
+                       quantize=getattr(args, "quantize", None))  # fmt: skip
     from .bench import fast_paths
 
     fast_paths(model, getattr(args, "compile", False), getattr(args, "cuda_graphs", False))
-    print(f"qwenlm: loaded {path.name} ({model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
+    weights = f"int{model.quantization['bits']} linears, " if getattr(model, "quantization", None) else ""
+    print(f"qwenlm: loaded {path.name} ({weights}{model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)  # fmt: skip
     return model, tokenizer
 
@@ -128,6 +135,7 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{info['position_policies'][1]}")  # fmt: skip
     print(f"window attention {info['position_policies'][2] if model.transformer.windows else 'off'}")
     print(f"dtype / device   {info['dtype']} / {info['device']}")
+    print(f"linear weights   {', '.join(info['linear_weights'])}")
     print(f"weight memory    {info['weight_bytes'] / 2**20:,.1f} MiB")
     return 0
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .gguf_dequant import f16_at, fifth_bits, k_scales, nibbles
 from .quant.linear import pack_high, pack_int4, unpack_high
 
 INT5_TYPES = ("Q5_0", "Q5_1")
@@ -54,43 +55,29 @@ class Int4Grid(NamedTuple):
         return codes
 
 
-def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
-    return blocks[:, offset : offset + 2].copy().view(np.float16).astype(np.float32)[:, 0]
-
-
-def _low_high(nibbles: np.ndarray) -> np.ndarray:
-    """(..., 16) bytes -> (..., 32) codes: the low nibbles first, then the high ones."""
-    return np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
-
-
-def _q4_0_or_1(blocks: np.ndarray, with_min: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = _f16(blocks, 0)
+def _q4_0_or_1(b: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = f16_at(b, 0)[:, 0]
     start = 4 if with_min else 2
-    codes = _low_high(blocks[:, start : start + 16])
-    zero = _f16(blocks, 2) + 8 * d if with_min else np.zeros_like(d)
+    codes = nibbles(b[:, start : start + 16], 16).reshape(-1, 32)
+    zero = f16_at(b, 2)[:, 0] + 8 * d if with_min else torch.zeros_like(d)
     return codes, d, zero
 
 
-def _q5_0_or_1(blocks: np.ndarray, with_min: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = _f16(blocks, 0)
+def _q5_0_or_1(b: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = f16_at(b, 0)[:, 0]
     start = 4 if with_min else 2
-    qh = blocks[:, start : start + 4].copy().view("<u4")[:, 0]
-    fifth = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    codes = _low_high(blocks[:, start + 4 : start + 20]) | (fifth << 4)
-    zero = _f16(blocks, 2) + 16 * d if with_min else np.zeros_like(d)
+    codes = nibbles(b[:, start + 4 : start + 20], 16).reshape(-1, 32) | (fifth_bits(b, start) << 4)
+    zero = f16_at(b, 2)[:, 0] + 16 * d if with_min else torch.zeros_like(d)
     return codes, d, zero
 
 
-def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
-    s = blocks[:, 4:16].astype(np.uint16)
-    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
-    qs = blocks[:, 16:144].reshape(-1, 4, 32)
-    codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)  # sub-block 2c = low, 2c + 1 = high
-    scale = d[:, None] * sc.astype(np.float32)
-    zero = 8 * scale - dmin[:, None] * mn.astype(np.float32)
-    return codes.reshape(-1, 32), scale.reshape(-1), zero.reshape(-1)
+def _q4_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d, dmin = f16_at(b, 0), f16_at(b, 2)  # (n, 1)
+    sc, mn = k_scales(b)
+    codes = nibbles(b[:, 16:144], 32).reshape(-1, 32)  # sub-block 2c = low, 2c + 1 = high nibbles
+    scale = d * sc.float()
+    zero = 8 * scale - dmin * mn.float()
+    return codes, scale.reshape(-1), zero.reshape(-1)
 
 
 def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Grid:
@@ -100,7 +87,7 @@ def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4G
         raise ValueError(f"{type_name} is not a 4- or 5-bit GGUF type with groups of 32 ({', '.join(INT4_TYPES)})")
     out_f, in_f = shape
     block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q5_0": 22, "Q5_1": 24}[type_name]
-    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, block_bytes)
+    blocks = torch.from_numpy(np.array(data, dtype=np.uint8).reshape(-1, block_bytes))  # a copy: maps are read-only
     if type_name == "Q4_K":
         codes, scale, zero = _q4_k(blocks)
     elif type_name in INT5_TYPES:
@@ -108,12 +95,12 @@ def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4G
     else:
         codes, scale, zero = _q4_0_or_1(blocks, with_min=type_name == "Q4_1")
     groups = in_f // 32
-    codes_t = torch.from_numpy(codes.astype(np.uint8).reshape(out_f, in_f))
+    codes = codes.reshape(out_f, in_f)
     return Int4Grid(
-        pack_int4(codes_t & 0x0F),
-        torch.from_numpy(scale.reshape(out_f, groups).astype(np.float32)),
-        torch.from_numpy(zero.reshape(out_f, groups).astype(np.float32)),
-        pack_high(codes_t) if type_name in INT5_TYPES else None,
+        pack_int4(codes & 0x0F),
+        scale.reshape(out_f, groups),
+        zero.reshape(out_f, groups),
+        pack_high(codes) if type_name in INT5_TYPES else None,
     )
 
 

@@ -86,6 +86,33 @@ def test_int4_fit_recovers_weights_already_on_a_4bit_grid():
     torch.testing.assert_close(z, zero, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [4, 5])
+def test_int4_fit_picks_per_group_the_spacing_with_the_least_squared_error(bits):
+    # the search written plainly, one group at a time: the vectorised fit must choose the same codes
+    from qwenlm.quant.linear import SCALE_STEPS
+
+    torch.manual_seed(4)
+    w = torch.randn(3, 96) * torch.rand(3, 1)
+    w[1, 32:64] = 0.25  # a constant group
+    q, s, z = fit_int4_groups(w, 32, bits)
+    top, middle = (1 << bits) - 1, 1 << (bits - 1)
+    for row in range(3):
+        for j in range(3):
+            group = w[row, 32 * j : 32 * (j + 1)].double()
+            lo, span = group.min(), (group.max() - group.min()).clamp(min=1e-8)
+            best = None
+            for step in SCALE_STEPS:
+                codes = torch.clamp(torch.round((group - lo) * (top + step) / span), 0, top)
+                a = torch.stack([codes, torch.ones_like(codes)], dim=1)
+                fit = torch.linalg.lstsq(a, group[:, None]).solution[:, 0] if codes.unique().numel() > 1 else None
+                err = (a @ fit - group).square().sum() if fit is not None else (group - group.mean()).square().sum()
+                if best is None or err < best[0] - 1e-9:
+                    best = (err, codes)
+            torch.testing.assert_close(q[row, 32 * j : 32 * (j + 1)].double(), best[1], atol=0, rtol=0)
+    fitted = ((q.float().reshape(3, 3, 32) - middle) * s[..., None] + z[..., None]).reshape(3, 96)
+    assert torch.allclose(fitted[1, 32:64], w[1, 32:64], atol=1e-6)
+
+
 def test_int4_fit_beats_min_max_rounding():
     torch.manual_seed(3)
     w = torch.randn(64, 256) * torch.rand(64, 1)

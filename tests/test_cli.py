@@ -145,3 +145,13 @@ def test_quantize_while_loading(ckpt):
     assert "(int4 linears, torch.float32, cpu)" in r.stderr and r.stdout.startswith("Hello")
     bad = run("generate", "--model", str(ckpt), "Hello", "--quantize", "3")
     assert bad.returncode == 2 and "invalid choice: 3" in bad.stderr
+
+
+def test_loading_prepares_the_quantised_kernels_before_the_first_token(ckpt):
+    # in-process: the layouts are made while loading, so the timed generation does not pay for them
+    from qwenlm.cli import _load, build_parser
+
+    args = build_parser().parse_args(["generate", "--model", str(ckpt), "--quantize", "4", "Hi"])
+    model, _ = _load(args)
+    layers = [m for m in model.modules() if hasattr(m, "prepared") and m is not model]
+    assert layers and all(m.prepared for m in layers)

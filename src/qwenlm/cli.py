@@ -85,6 +85,7 @@ def _load(args: argparse.Namespace):
                        quantize=getattr(args, "quantize", None))  # fmt: skip
     from .bench import fast_paths
 
+    model.prepare_layers()  # quantised layers make their kernels' layouts now (~1 s for int4), not in the first token
     fast_paths(model, getattr(args, "compile", False), getattr(args, "cuda_graphs", False))
     weights = f"int{model.quantization['bits']} linears, " if getattr(model, "quantization", None) else ""
     print(f"qwenlm: loaded {path.name} ({weights}{model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",

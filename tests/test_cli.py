@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.builders import tiny_checkpoint
 
@@ -78,12 +79,12 @@ def test_folder_without_tokenizer(tmp_path):
 
 def test_bench_json(ckpt):
     r = run("bench", "--model", str(ckpt), "--precision", "int8", "--prompt-tokens", "16", "--new-tokens", "4",
-            "--runs", "1", "--json")  # fmt: skip
+            "--runs", "1", "--kv-dtype", "bfloat16", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "precision", "threads"):
         assert key in result
-    assert result["precision"] == "int8" and result["decode_tok_s"] > 0
+    assert result["precision"] == "int8" and result["decode_tok_s"] > 0 and result["kv_dtype"] == "bfloat16"
     assert result["compiled"] is False and result["warmup_s"] > 0 and result["programs_from_disk"] == 0
     assert result["cuda_graphs"] is False  # the default --cuda-graphs does nothing on a CPU model
 
@@ -155,3 +156,13 @@ def test_loading_prepares_the_quantised_kernels_before_the_first_token(ckpt):
     model, _ = _load(args)
     layers = [m for m in model.modules() if hasattr(m, "prepared") and m is not model]
     assert layers and all(m.prepared for m in layers)
+
+
+def test_the_cache_dtype_is_chosen_on_the_command_line(ckpt):
+    from qwenlm.cli import _load, build_parser
+
+    args = build_parser().parse_args(["chat", "--model", str(ckpt), "--kv-dtype", "bfloat16"])
+    model, _ = _load(args)
+    assert model.kv_cache_dtype == torch.bfloat16 and model.new_cache().dtype == torch.bfloat16
+    r = run("generate", "--model", str(ckpt), "Hello", "--max-new-tokens", "4", "--kv-dtype", "bfloat16")
+    assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr

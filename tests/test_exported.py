@@ -50,7 +50,7 @@ def test_matches_eager_across_a_growing_cache_from_one_program(int4_model, ids_a
         exported = _decode(m, ids, mask, 12, capacity=16)
         again = _decode(m, ids, mask, 5, capacity=48)  # another capacity, later generation: the same program
         assert m._exported.failure is None
-        assert list(m._exported._programs) == [(2, 1, False)]
+        assert list(m._exported._programs) == [(2, 1, False, torch.float32)]
         assert relative_error(exported, eager) < 1e-3  # (fused float ops round the activations a hair differently)
         assert torch.equal(exported.argmax(-1), eager.argmax(-1))
         torch.testing.assert_close(again, exported[:5])

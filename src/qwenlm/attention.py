@@ -124,14 +124,17 @@ class Attention(nn.Module):
             bias, is_causal = mask.full()
             if t == 1 and self._own_decode is None:
                 self.prepare()
-            if (
+            own_kernel = (
                 t == 1
                 and self._own_decode
                 and x.device.type == "cpu"
                 and dropout == 0.0
-                and not q.requires_grad
+                and not q.requires_grad  # the kernel has no backward
                 and k.dtype in (torch.float32, torch.bfloat16)
-            ):  # (not q.requires_grad: the kernel has no backward)
+            )
+            if not own_kernel:  # a cache of another dtype (e.g. bf16 under fp32): attend in the queries' dtype
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            if own_kernel:  # (it reads a bf16 cache as it is)
                 y = cpu_kernel.decode_attention(q, k, v, bias)
             elif gqa and t == 1:
                 y = single_query_grouped(q, k, v, bias, dropout)
@@ -140,7 +143,7 @@ class Attention(nn.Module):
                     q, k, v, attn_mask=bias, is_causal=is_causal, dropout_p=dropout, enable_gqa=gqa
                 )
         else:
-            y = windowed_attention(q, k, v, mask, window, dropout, gqa)
+            y = windowed_attention(q, k.to(q.dtype), v.to(q.dtype), mask, window, dropout, gqa)
         return self.output(y)
 
     def project(

@@ -160,16 +160,21 @@ def saved_weight_bytes(model: torch.nn.Module, skip: str | None = None) -> int:
 
 
 def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "cpu", compile: bool = False,
-                     cuda_graphs: bool = False, **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+                     cuda_graphs: bool = False, kv_dtype: torch.dtype | None = None,
+                     **kwargs: Any) -> dict[str, Any]:  # fmt: skip
     """Load ``path``, convert it to ``precision`` and time it (``compile``, ``cuda_graphs``: see
-    ``fast_paths``; compilation and graph recording show in ``warmup_s``)."""
+    ``fast_paths``; compilation and graph recording show in ``warmup_s``; ``kv_dtype``: the cache's dtype,
+    see ``KVCache``)."""
     t = time.perf_counter()
-    model = fast_paths(load_at_precision(path, precision, device), compile, cuda_graphs)
+    model = load_at_precision(path, precision, device)
+    model.kv_cache_dtype = kv_dtype
+    model = fast_paths(model, compile, cuda_graphs)
     load_s = time.perf_counter() - t
     out = run_bench(model, **kwargs)
     weight_bytes = saved_weight_bytes(model)
     quant = getattr(model, "quantization", None)
     precision_name = f"int{quant['bits']}" if quant else str(model.dtype).replace("torch.", "")
-    out.update(precision=precision_name, load_s=load_s, weight_mb=weight_bytes / 2**20,
+    kv_name = str(kv_dtype or model.dtype).replace("torch.", "")
+    out.update(precision=precision_name, kv_dtype=kv_name, load_s=load_s, weight_mb=weight_bytes / 2**20,
                model=os.path.basename(str(path)), device=str(model.device))  # fmt: skip
     return out

@@ -12,11 +12,19 @@ class KVCache:
     The capacity grows by doubling when a call needs more (amortised O(1) per token, never a
     ``torch.cat`` per step); pass ``capacity`` up front (prompt + new tokens) to never grow at all.
     The cache also remembers the NTK alphas chosen at prefill, which decoding must reuse.
+
+    ``dtype``: what the buffers store (e.g. ``torch.bfloat16`` under a float32 model: half the memory and half
+    of what decoding reads per cached token); keys and values are rounded to it when written and read back in
+    it (attention casts them to the queries' dtype, or qwenlm's CPU kernel reads bf16 as it is). None: the
+    dtype of the keys written.
     """
 
-    def __init__(self, n_layers: int, capacity: int = 0) -> None:
+    def __init__(self, n_layers: int, capacity: int = 0, dtype: torch.dtype | None = None) -> None:
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"a key/value cache stores floating-point numbers, not {dtype}")
         self.n_layers = n_layers
         self.capacity = capacity
+        self.dtype = dtype
         self.seq_len = 0
         self.ntk_alphas: list[float] | None = None
         self._k: list[torch.Tensor] = []
@@ -30,6 +38,7 @@ class KVCache:
         """Make room for ``needed`` columns (allocating or doubling the buffers), keeping what is cached."""
         if self._k and needed <= self._k[0].shape[2]:
             return
+        dtype = self.dtype or dtype
         capacity = max(needed, self.capacity, 2 * (self._k[0].shape[2] if self._k else 0), 16)
         k_new = [torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
                  for _ in range(self.n_layers)]  # fmt: skip

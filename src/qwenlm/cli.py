@@ -22,6 +22,19 @@ def _resolve_model_path(arg: str | None) -> Path:
     return path
 
 
+def _add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-dtype", choices=["bfloat16", "float16", "float32"],
+                   help="what the key/value cache stores: bfloat16 halves its memory and what decoding reads per "
+                        "cached token (qwenlm's CPU kernel reads it as it is; the logits move by bf16 rounding), "
+                        "float16, float32; default: the model's dtype")  # fmt: skip
+
+
+def _kv_dtype(args: argparse.Namespace) -> Any:
+    import torch
+
+    return getattr(torch, args.kv_dtype) if getattr(args, "kv_dtype", None) else None
+
+
 def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--model", "-m", required=required,
                    help="checkpoint folder or .gguf file (default: the demo model, see README)")  # fmt: skip
@@ -47,6 +60,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--window", metavar="SCHEDULE",
                    help="window attention, EXPERIMENTAL: 'default' or per-layer windows like 2kx4,4kx4,8k "
                         "(see README, Long context)")  # fmt: skip
+    _add_kv_dtype_arg(p)
 
 
 def _add_compile_arg(p: argparse.ArgumentParser, graphs_by_default: bool = True) -> None:
@@ -83,10 +97,13 @@ def _load(args: argparse.Namespace):
     model = load_model(path, dtype=args.dtype, device=args.device, ntk=getattr(args, "ntk", None),
                        logn=getattr(args, "logn", None), window=getattr(args, "window", None),
                        quantize=getattr(args, "quantize", None))  # fmt: skip
+    model.kv_cache_dtype = _kv_dtype(args)
     from .bench import fast_paths
 
-    model.prepare_layers()  # quantised layers make their kernels' layouts now (~1 s for int4), not in the first token
-    fast_paths(model, getattr(args, "compile", False), getattr(args, "cuda_graphs", False))
+    compile = getattr(args, "compile", False)
+    if not compile:  # quantised layers make their kernels' layouts now (~1 s for int4), not in the first token
+        model.prepare_layers()  # (compile_inference prepares them itself)
+    fast_paths(model, compile, getattr(args, "cuda_graphs", False))
     weights = f"int{model.quantization['bits']} linears, " if getattr(model, "quantization", None) else ""
     print(f"qwenlm: loaded {path.name} ({weights}{model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)  # fmt: skip
@@ -222,7 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = "cpu" if args.device == "auto" else args.device
     result = bench_checkpoint(path, args.precision, device=device, prompt_tokens=args.prompt_tokens,
                               new_tokens=args.new_tokens, batch=args.batch, runs=args.runs,
-                              compile=args.compile, cuda_graphs=args.cuda_graphs)  # fmt: skip
+                              compile=args.compile, cuda_graphs=args.cuda_graphs, kv_dtype=_kv_dtype(args))  # fmt: skip
     if args.json:
         print(json.dumps(result))
     else:
@@ -320,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="prefill and decode speed at one precision (medians after a warm-up)")
     p.add_argument("--model", "-m", help="checkpoint folder or .gguf file (default: the demo model)")
     p.add_argument("--precision", choices=["fp32", "bf16", "int8", "int4", "auto"], default="auto")
+    _add_kv_dtype_arg(p)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)

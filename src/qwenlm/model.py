@@ -165,6 +165,7 @@ class QwenForCausalLM(nn.Module):
         self._compiled: dict[str, Any] | None = None  # set by compile_inference()
         self._graphs: GraphDecoder | None = None  # set by use_cuda_graphs() / compile_inference() on CUDA
         self._exported: ExportedDecoder | None = None  # set by compile_inference() on CPU
+        self.kv_cache_dtype: torch.dtype | None = None  # what new caches store; None: the activation dtype
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str = "auto", **kwargs: Any):
@@ -183,7 +184,8 @@ class QwenForCausalLM(nn.Module):
         return self.transformer.wte.weight.dtype
 
     def new_cache(self, capacity: int = 0) -> KVCache:
-        return KVCache(self.config.num_hidden_layers, capacity)
+        """An empty key/value cache for this model, storing ``kv_cache_dtype`` (e.g. ``torch.bfloat16``)."""
+        return KVCache(self.config.num_hidden_layers, capacity, self.kv_cache_dtype)
 
     def forward(
         self,

@@ -16,8 +16,8 @@ against the layouts the program was compiled for: a tensor of the same layout pu
 over; a cast, a move, a swapped layer of another kind or layers prepared again drop the program, which is made
 again.
 
-One program is made per (batch size, rows of NTK alphas, LogN table or not). Compiling it takes ~40-80 s for
-the demo model on 2 cores (its dynamo-compiled step ~3 minutes); it is then kept on disk
+One program is made per (batch size, rows of NTK alphas, LogN table or not, cache dtype). Compiling it takes
+~40-80 s for the demo model on 2 cores (its dynamo-compiled step ~3 minutes); it is then kept on disk
 (``generation.program_store``), so a later process only exports the step again (~6 s) and loads it. Window
 attention, training and gradients use the other steps; where export or compilation fails, the decoder says
 why (a warning) and steps aside.
@@ -125,7 +125,7 @@ class ExportedDecoder:
             self._forget_stale()
             self._last_cache = weakref.ref(cache)
         tables = self._tables_for(batch, cache._k[0].shape[2], tuple(cache.ntk_alphas or [1.0]))
-        key = (batch, tables.cos.shape[0], tables.logn is not None)
+        key = (batch, tables.cos.shape[0], tables.logn is not None, cache._k[0].dtype)
         program = self._programs.get(key)
         if program is None:
             program = self._compile(key, cache, tables)

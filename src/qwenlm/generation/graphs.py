@@ -76,10 +76,10 @@ class GraphDecoder:
         alphas = tuple(cache.ntk_alphas or [1.0])
         # room for the whole generation the cache was sized for, so that one slot serves all of its tokens
         capacity = -(-max(pos + 1, cache.capacity) // CAPACITY_STEP) * CAPACITY_STEP
-        key = (batch, capacity, alphas)
+        key = (batch, capacity, alphas, cache._k[0].dtype)
         slot = self._slots.get(key)
         if slot is None:
-            slot = self._new_slot(batch, capacity, alphas)
+            slot = self._new_slot(batch, capacity, alphas, cache._k[0].dtype)
             self._slots[key] = slot
             while len(self._slots) > MAX_SLOTS:
                 self._release(self._slots.popitem(last=False)[1])
@@ -99,9 +99,9 @@ class GraphDecoder:
         return slot.logits.clone()
 
     # -- slots ------------------------------------------------------------------------------------------
-    def _new_slot(self, batch: int, capacity: int, alphas: tuple[float, ...]) -> _Slot:
+    def _new_slot(self, batch: int, capacity: int, alphas: tuple[float, ...], dtype: torch.dtype) -> _Slot:
         m, c = self.model, self.model.config
-        device, dtype = m.device, m.dtype
+        device = m.device  # buffers of the cache's dtype (the model's, or e.g. bf16 under fp32)
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: written in and out of inference mode
             cos, sin, logn = position_tables(m, capacity, alphas)
             kv = [torch.zeros(batch, c.n_kv_heads, capacity, c.head_dim, dtype=dtype, device=device)

@@ -63,18 +63,19 @@ def static_decode(
         for i, block in enumerate(t.h):
             attn = block.attn
             q, k, v = attn.project(block.ln_1(h), c, s)
-            keys[i].index_copy_(2, pos, k)
-            values[i].index_copy_(2, pos, v)
+            keys[i].index_copy_(2, pos, k.to(keys[i].dtype))  # (a bf16 cache under fp32: rounded as stored)
+            values[i].index_copy_(2, pos, v.to(values[i].dtype))
             if q_scale is not None:
                 q = q * q_scale.to(q.dtype)
-            if attn._own_decode and h.device.type == "cpu":
+            if attn._own_decode and h.device.type == "cpu" and keys[i].dtype in (torch.float32, torch.bfloat16):
                 y = cpu_kernel.decode_attention(q, keys[i], values[i], bias, length)
-            elif attn.n_kv_heads != attn.n_heads and h.device.type == "cpu":
-                y = single_query_grouped(q, keys[i], values[i], bias)
             else:
-                y = F.scaled_dot_product_attention(
-                    q, keys[i], values[i], attn_mask=bias, enable_gqa=attn.n_kv_heads != attn.n_heads
-                )
+                k, v = keys[i].to(q.dtype), values[i].to(q.dtype)  # (a cache of another dtype: cast)
+                gqa = attn.n_kv_heads != attn.n_heads
+                if gqa and h.device.type == "cpu":
+                    y = single_query_grouped(q, k, v, bias)
+                else:
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
             h = h + attn.output(y)
             h = h + block.mlp(block.ln_2(h))
         return model.lm_head(t.ln_f(h)[:, -1])

@@ -119,7 +119,9 @@ def test_report_on_the_longctx_data(qwen_vocab_model, tokenizer, tmp_path):
     table = report.markdown().splitlines()
     assert table[0] == "| model | 32 | 64 | 128 |" and table[1] == "|---|---|---|---|"
     assert table[2].startswith("| tiny | ") and table[5].startswith("| tiny + dynamic_ntk + logn + window_attn | ")
-    assert json.loads(json.dumps(report.to_json()))["results"][0]["setting"] == "plain"
+    saved = json.loads(json.dumps(report.to_json()))
+    assert saved["results"][0]["setting"] == "plain"
+    assert (saved["dtype"], saved["kv_dtype"], saved["linear_weights"]) == ("float32", "float32", ["float"])
     pytest.importorskip("matplotlib")
     report.plot(tmp_path / "ppl.png")
     assert (tmp_path / "ppl.png").read_bytes()[:4] == b"\x89PNG"

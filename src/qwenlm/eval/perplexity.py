@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import progress
+from ..checkpoint import describe
 from ..generation.prefill import DEFAULT_CHUNK, prefill_chunks
 from ..longctx import ntk_alpha, window_schedule
 
@@ -213,6 +214,8 @@ class Report:
     data: list[str]
     dtype: str
     seq_length: int
+    kv_dtype: str = ""  # what the key/value cache stored
+    linear_weights: list[str] = field(default_factory=list)  # float, int8, int4, int5 (describe)
     results: list[Result] = field(default_factory=list)
 
     def ppl(self, setting: str, length: int) -> float:
@@ -303,6 +306,8 @@ def evaluate(
         data=list(data_names),
         dtype=str(model.dtype).removeprefix("torch."),
         seq_length=model.config.seq_length,
+        kv_dtype=str(model.kv_cache_dtype or model.dtype).removeprefix("torch."),
+        linear_weights=describe(model)["linear_weights"],
     )
     jobs, done = [], {}
     for s in settings:

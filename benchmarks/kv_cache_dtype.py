@@ -1,12 +1,12 @@
 """Decoding speed by context length with the key/value cache in float32 and in bfloat16, in one process.
 
     python benchmarks/kv_cache_dtype.py [--precision int4] [--lengths 256,1024,2048,4096] [--new 32]
-                                        [--no-compile] [--json OUT]
+                                        [--rounds 2] [--no-compile] [--json OUT]
 
 The demo model at ``--precision`` (activations fp32), compiled (``compile_inference``) unless --no-compile.
 For each context length: a prompt of that many random tokens, then --new greedy steps, timed per step;
-the two cache dtypes alternate (fp32, bf16, fp32, bf16) so that drift of the machine hits both; the faster
-of each pair of runs is kept. Prints ms per step, the ratio, and the cache's size at the longest length.
+the two cache dtypes alternate (fp32, bf16, fp32, bf16, ...) for --rounds rounds, so that drift of the
+machine hits both; the fastest run of each is kept. Prints ms per step, the ratio and the caches' sizes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--precision", default="int4", choices=["fp32", "int8", "int4"])
     parser.add_argument("--lengths", default="256,1024,2048,4096")
     parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per length; the best is kept")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--json", metavar="OUT")
@@ -56,7 +57,7 @@ def main() -> None:
     for length in (int(n) for n in args.lengths.split(",")):
         ids = torch.randint(0, 151643, (1, length), generator=torch.Generator().manual_seed(length))
         best: dict[str, tuple[float, int]] = {}
-        for _ in range(2):
+        for _ in range(args.rounds):
             for name, dtype in dtypes.items():
                 model.kv_cache_dtype = dtype
                 ms, size = ms_per_step(model, ids, args.new)

@@ -132,16 +132,16 @@ class Attention(nn.Module):
                 and not q.requires_grad  # the kernel has no backward
                 and k.dtype in (torch.float32, torch.bfloat16)
             )
-            if not own_kernel:  # a cache of another dtype (e.g. bf16 under fp32): attend in the queries' dtype
-                k, v = k.to(q.dtype), v.to(q.dtype)
             if own_kernel:  # (it reads a bf16 cache as it is)
                 y = cpu_kernel.decode_attention(q, k, v, bias)
-            elif gqa and t == 1:
-                y = single_query_grouped(q, k, v, bias, dropout)
             else:
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=bias, is_causal=is_causal, dropout_p=dropout, enable_gqa=gqa
-                )
+                k, v = k.to(q.dtype), v.to(q.dtype)  # a cache of another dtype (e.g. bf16 under fp32)
+                if gqa and t == 1:
+                    y = single_query_grouped(q, k, v, bias, dropout)
+                else:
+                    y = F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=bias, is_causal=is_causal, dropout_p=dropout, enable_gqa=gqa
+                    )
         else:
             y = windowed_attention(q, k.to(q.dtype), v.to(q.dtype), mask, window, dropout, gqa)
         return self.output(y)

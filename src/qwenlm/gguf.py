@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from qwenlm import gguf_dequant, progress
-from qwenlm.gguf_file import GGUFFile, GGUFFormatError, read_gguf_file
+from qwenlm.gguf_file import GGUFFile, GGUFFormatError, GGUFTensor, read_gguf_file
 from qwenlm.gguf_vocab import tokenizer_from_metadata
 from qwenlm.tokenizer import QwenTokenizer
 
@@ -244,9 +244,9 @@ def _check_types(reader: GGUFFile, source: str) -> None:
             )
 
 
-def _dequantize(t: Any, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize(t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
     shape = tuple(int(d) for d in reversed(t.shape))
-    if t.type_name in gguf_dequant.BLOCKS:  # most of a quantised file: ~10x the gguf package's speed
+    if t.type_name in gguf_dequant.BLOCKS:  # most of a quantised file: ~4x the gguf package's speed
         return gguf_dequant.dequantize(t.data, t.type_name, shape).to(dtype)
     array = _gguf.quants.dequantize(t.data, _gguf.GGMLQuantizationType[t.type_name])
     array = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)

@@ -5,9 +5,10 @@ of tensors and of metadata pairs; the pairs (a string key, a uint32 value type, 
 uint32 number of dimensions, uint64 dimensions (innermost first), uint32 ggml type and uint64 offset into the
 data section, which starts at the next multiple of ``general.alignment`` (32 by default).
 
-``gguf.GGUFReader`` gives the same, but makes numpy views per part of every value: ~3 s for the 151,936 tokens
-and 151,387 merges of a Qwen vocabulary, paid three times when a model, its int4 grids and its tokenizer are
-read. Here a value is read once into plain Python (strings decoded, numeric arrays through ``numpy``): ~0.3 s.
+``gguf.GGUFReader`` gives the same, but makes numpy views per part of every value: 9 s for the 151,936 tokens
+and 151,387 merges of a Qwen vocabulary (~3 s over a plain ndarray instead of its memmap, as qwenlm used it),
+paid three times when a model, its int4 grids and its tokenizer are read. Here each value is read once into
+plain Python (strings decoded, numeric arrays through ``numpy``): 0.25 s (``benchmarks/load_gguf.py``).
 Tensor data stay in the map (read-only arrays, no copy) until they are dequantised. The table of ggml types
 (names, bytes per block) is the gguf package's.
 """

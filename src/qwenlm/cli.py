@@ -26,7 +26,7 @@ def _add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=["bfloat16", "float16", "float32"],
                    help="what the key/value cache stores: bfloat16 halves its memory and what decoding reads per "
                         "cached token (qwenlm's CPU kernel reads it as it is; the logits move by bf16 rounding), "
-                        "float16, float32; default: the model's dtype")  # fmt: skip
+                        "float16 (on CPUs cast at each step: slower), float32; default: the model's dtype")  # fmt: skip
 
 
 def _kv_dtype(args: argparse.Namespace) -> Any:

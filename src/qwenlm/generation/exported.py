@@ -36,7 +36,7 @@ from torch import nn
 from ..attention import check_mask_covers
 from ..cache import KVCache
 from . import program_store
-from .static_step import position_tables, static_decode
+from .static_step import applies, position_tables, static_decode
 
 if TYPE_CHECKING:
     from ..model import QwenForCausalLM
@@ -106,8 +106,7 @@ class ExportedDecoder:
 
     def supports(self, cache: KVCache) -> bool:
         m = self.model
-        return (self.failure is None and m.device.type == "cpu" and not m.training and not torch.is_grad_enabled()
-                and m.transformer.windows is None and bool(cache._k))  # fmt: skip
+        return self.failure is None and m.device.type == "cpu" and not torch.is_grad_enabled() and applies(m, cache)
 
     @property
     def programs_from_store(self) -> int:

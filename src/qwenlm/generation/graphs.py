@@ -23,7 +23,7 @@ import torch
 
 from ..attention import check_mask_covers
 from ..cache import KVCache
-from .static_step import position_tables, static_decode
+from .static_step import applies, position_tables, static_decode
 
 if TYPE_CHECKING:
     from ..model import QwenForCausalLM
@@ -66,8 +66,7 @@ class GraphDecoder:
 
     def supports(self, cache: KVCache) -> bool:
         """Whether this decoder can run the next step on ``cache`` (else the caller uses the eager step)."""
-        t = self.model.transformer
-        return not self.model.training and t.windows is None and bool(cache._k)
+        return applies(self.model, cache)
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Next-token logits (B, vocab) after ``input_ids`` (B, 1) on top of ``cache``, as ``decode_step``."""

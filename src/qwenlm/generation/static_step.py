@@ -24,7 +24,14 @@ from ..attention import single_query_grouped
 from ..quant import cpu_kernel
 
 if TYPE_CHECKING:
+    from ..cache import KVCache
     from ..model import QwenForCausalLM
+
+
+def applies(model: QwenForCausalLM, cache: KVCache) -> bool:
+    """Whether ``static_decode`` can take the next token on ``cache``: inference, full attention (window
+    attention is not static), and a cache that holds buffers already (a prompt went first)."""
+    return not model.training and model.transformer.windows is None and bool(cache._k)
 
 
 def position_tables(

@@ -8,22 +8,15 @@ import pytest
 import torch
 
 from qwenlm.quant import cpu_kernel, quantize
-from tests.builders import random_model, relative_error, tiny_config
+from tests.builders import greedy_decode, random_model, relative_error, tiny_config
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernels: {cpu_kernel.status()}")
 
 
 def _decode(model, ids, mask, steps, capacity):
-    """Each step's logits of greedy decoding a padded batch, from a cache that starts with ``capacity``."""
-    out = []
-    with torch.inference_mode():
-        cache = model.new_cache(capacity)
-        logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
-        for _ in range(steps):
-            out.append(logits)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits = model.decode_step(logits.argmax(-1, keepdim=True), mask, cache)
-    return torch.stack(out)
+    """The logits (steps, B, V) before each of ``steps`` greedy steps on a padded batch, from a cache that starts
+    with ``capacity``."""
+    return greedy_decode(model, ids, mask, steps, capacity=capacity)[0][:, :steps].transpose(0, 1)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from qwenlm.cache import KVCache
 from qwenlm.quant import cpu_kernel, quantize
-from tests.builders import random_model, relative_error, tiny_config
+from tests.builders import greedy_decode, random_model, relative_error, tiny_config
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernels: {cpu_kernel.status()}")
 
@@ -18,17 +18,9 @@ def _logits(model, ids, mask, steps, kv_dtype):
     """Prefill logits, then each greedy step's, from a cache storing ``kv_dtype``."""
     model.kv_cache_dtype = kv_dtype
     try:
-        with torch.inference_mode():
-            cache = model.new_cache(8)  # grows while decoding: the doubling keeps the dtype
-            logits = model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
-            out = [logits]
-            for _ in range(steps):
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                logits = model.decode_step(logits.argmax(-1, keepdim=True), mask, cache)
-                out.append(logits)
+        return greedy_decode(model, ids, mask, steps, capacity=8)  # grows while decoding: the doubling keeps the dtype
     finally:
         model.kv_cache_dtype = None
-    return torch.stack(out), cache
 
 
 @pytest.fixture(scope="module")

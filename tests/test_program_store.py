@@ -4,24 +4,29 @@ follows what the machine code depends on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 
 from qwenlm.generation import program_store
-from tests.builders import random_model, tiny_config
+from tests.builders import greedy_decode, random_model, tiny_config
 
 
 def _decode(model, ids, steps):
-    with torch.inference_mode():
-        cache = model.new_cache(16)
-        logits = model(ids, past_key_values=cache).logits[:, -1]
-        out = [logits]
-        for _ in range(steps):
-            logits = model.decode_step(logits.argmax(-1, keepdim=True), None, cache)
-            out.append(logits)
-    return torch.stack(out)
+    return greedy_decode(model, ids, None, steps, capacity=16)[0]
+
+
+def _through_a_new_decoder(model, ids, steps, warns: str | None = None):
+    """``_decode`` after ``compile_inference()`` (a new decoder, as in a new process), expecting a warning that
+    matches ``warns``; then eager again. The logits and the decoder that made them."""
+    try:
+        with pytest.warns(UserWarning, match=warns) if warns else contextlib.nullcontext():
+            logits = _decode(model.compile_inference(), ids, steps)
+        return logits, model._exported
+    finally:
+        model.compile_inference(False)
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +54,13 @@ def _compiling_fails(monkeypatch):
 
 def test_a_later_decoder_loads_the_stored_program(model, ids, store, monkeypatch):
     eager = _decode(model, ids, 3)
-    try:
-        first = _decode(model.compile_inference(), ids, 3)
-        assert len(model._exported._programs) == 1 and model._exported.programs_from_store == 0
-        (stored,) = store.glob("*.pt2")
-        assert not [p for p in store.iterdir() if p.suffix != ".pt2"]  # no build folder left behind
-        _compiling_fails(monkeypatch)
-        later = _decode(model.compile_inference(), ids, 3)  # a new decoder, as in a new process
-        assert model._exported.failure is None and model._exported.programs_from_store == 1
-    finally:
-        model.compile_inference(False)
+    first, decoder = _through_a_new_decoder(model, ids, 3)
+    assert len(decoder._programs) == 1 and decoder.programs_from_store == 0
+    (stored,) = store.glob("*.pt2")
+    assert not [p for p in store.iterdir() if p.suffix != ".pt2"]  # no build folder left behind
+    _compiling_fails(monkeypatch)
+    later, decoder = _through_a_new_decoder(model, ids, 3)
+    assert decoder.failure is None and decoder.programs_from_store == 1
     torch.testing.assert_close(first, eager, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(later, first, atol=0, rtol=0)
     assert list(store.glob("*.pt2")) == [stored]
@@ -66,15 +68,12 @@ def test_a_later_decoder_loads_the_stored_program(model, ids, store, monkeypatch
 
 def test_a_damaged_file_is_compiled_again_and_replaced(model, ids, store):
     eager = _decode(model, ids, 2)
-    try:
-        _decode(model.compile_inference(), ids, 2)
-        (stored,) = store.glob("*.pt2")
-        stored.write_bytes(b"not a program")
-        with pytest.warns(UserWarning, match=r"stored decoding program .* could not be loaded .*compiling it again"):
-            got = _decode(model.compile_inference(), ids, 2)
-        assert model._exported.failure is None
-    finally:
-        model.compile_inference(False)
+    _through_a_new_decoder(model, ids, 2)
+    (stored,) = store.glob("*.pt2")
+    stored.write_bytes(b"not a program")
+    damaged = r"stored decoding program .* could not be loaded .*compiling it again"
+    got, decoder = _through_a_new_decoder(model, ids, 2, damaged)
+    assert decoder.failure is None
     torch.testing.assert_close(got, eager, atol=2e-4, rtol=1e-4)
     assert stored.stat().st_size > 1000  # the new program took the damaged file's place
 
@@ -84,12 +83,9 @@ def test_an_unwritable_folder_only_costs_the_compiling(model, ids, tmp_path, mon
     blocked.write_text("")
     monkeypatch.setenv("QWENLM_CACHE", str(blocked))  # its "aoti" folder cannot be made
     eager = _decode(model, ids, 2)
-    try:
-        with pytest.warns(UserWarning, match=r"cannot keep compiled decoding programs in .*a-file.*QWENLM_CACHE"):
-            got = _decode(model.compile_inference(), ids, 2)
-        assert model._exported.failure is None
-    finally:
-        model.compile_inference(False)
+    unwritable = r"cannot keep compiled decoding programs in .*a-file.*QWENLM_CACHE"
+    got, decoder = _through_a_new_decoder(model, ids, 2, unwritable)
+    assert decoder.failure is None
     torch.testing.assert_close(got, eager, atol=2e-4, rtol=1e-4)
 
 

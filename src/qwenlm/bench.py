@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import describe, load_model
 from .model import QwenForCausalLM
 from .quant.cpu_kernel import argmax
 
@@ -171,10 +171,10 @@ def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "c
     model = fast_paths(model, compile, cuda_graphs)
     load_s = time.perf_counter() - t
     out = run_bench(model, **kwargs)
-    weight_bytes = saved_weight_bytes(model)
+    facts = describe(model)
     quant = getattr(model, "quantization", None)
     precision_name = f"int{quant['bits']}" if quant else str(model.dtype).replace("torch.", "")
-    kv_name = str(kv_dtype or model.dtype).replace("torch.", "")
-    out.update(precision=precision_name, kv_dtype=kv_name, load_s=load_s, weight_mb=weight_bytes / 2**20,
-               model=os.path.basename(str(path)), device=str(model.device))  # fmt: skip
+    out.update(precision=precision_name, kv_dtype=facts["kv_dtype"], load_s=load_s,
+               weight_mb=facts["weight_bytes"] / 2**20, model=os.path.basename(str(path)),
+               device=str(model.device))  # fmt: skip
     return out

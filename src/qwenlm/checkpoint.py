@@ -322,11 +322,13 @@ def load_tokenizer(path: str | Path) -> QwenTokenizer:
 
 def describe(model: QwenForCausalLM) -> dict[str, Any]:
     """Parameters (of the float modules), dtype, device, how the linear layers hold their weights (``float``,
-    ``int8``, ``int4``, ``int5``) and the bytes of all saved weights, quantised ones included."""
+    ``int8``, ``int4``, ``int5``), the bytes of all saved weights, quantised ones included, and what new key/value
+    caches store."""
     from .bench import saved_weight_bytes
 
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     kinds = {"Int8Linear": "int8", "Int4Linear": "int4", "Int5Linear": "int5"}
     linear = sorted({kinds[type(m).__name__] for m in model.modules() if type(m).__name__ in kinds})
     return {"parameters": n_params, "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
-            "linear_weights": linear or ["float"], "weight_bytes": saved_weight_bytes(model)}  # fmt: skip
+            "linear_weights": linear or ["float"], "weight_bytes": saved_weight_bytes(model),
+            "kv_dtype": str(model.kv_cache_dtype or model.dtype).replace("torch.", "")}  # fmt: skip

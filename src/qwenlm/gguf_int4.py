@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .gguf_dequant import f16_at, fifth_bits, k_scales, nibbles
+from .gguf_dequant import BLOCKS, f16_at, fifth_bits, k_scales, nibbles
 from .quant.linear import pack_high, pack_int4, unpack_high
 
 INT5_TYPES = ("Q5_0", "Q5_1")
@@ -86,7 +86,7 @@ def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4G
     if type_name not in INT4_TYPES:
         raise ValueError(f"{type_name} is not a 4- or 5-bit GGUF type with groups of 32 ({', '.join(INT4_TYPES)})")
     out_f, in_f = shape
-    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q5_0": 22, "Q5_1": 24}[type_name]
+    block_bytes = BLOCKS[type_name][1]
     blocks = torch.from_numpy(np.array(data, dtype=np.uint8).reshape(-1, block_bytes))  # a copy: maps are read-only
     if type_name == "Q4_K":
         codes, scale, zero = _q4_k(blocks)

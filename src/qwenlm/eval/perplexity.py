@@ -298,6 +298,7 @@ def evaluate(
     budget = samples * lengths[-1]
     token_docs = tokenize_documents(tokenizer, docs, limit=budget if sampling == "concat" else None)
     per_length = {n: make_samples(token_docs, n, budget, sampling, tokenizer.eod_id) for n in lengths}
+    facts = describe(model)
     report = Report(
         model=model_name,
         lengths=list(lengths),
@@ -306,8 +307,8 @@ def evaluate(
         data=list(data_names),
         dtype=str(model.dtype).removeprefix("torch."),
         seq_length=model.config.seq_length,
-        kv_dtype=str(model.kv_cache_dtype or model.dtype).removeprefix("torch."),
-        linear_weights=describe(model)["linear_weights"],
+        kv_dtype=facts["kv_dtype"],
+        linear_weights=facts["linear_weights"],
     )
     jobs, done = [], {}
     for s in settings:

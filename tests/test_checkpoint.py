@@ -143,3 +143,15 @@ def test_invalid_config_value_is_named(tmp_path):
 def test_ntk_logn_overrides(ckpt):
     model = QwenForCausalLM.from_pretrained(ckpt, dtype="float32", device="cpu", ntk=False, logn=False)
     assert repr(model.transformer.ntk) == "PlainRoPE()" and repr(model.transformer.logn) == "NoLogN()"
+
+
+def test_loading_a_model_does_not_import_dynamo(ckpt):
+    # the model is built on the meta device; PyTorch's normal_ there imported dynamo, 1.5-2 s of every load
+    import subprocess
+    import sys
+
+    code = ("import sys; from qwenlm.checkpoint import load_model; "
+            f"load_model({str(ckpt)!r}, dtype='float32', device='cpu'); "
+            "sys.exit(7 if 'torch._dynamo' in sys.modules else 0)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:] or "torch._dynamo was imported"

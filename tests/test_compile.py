@@ -1,4 +1,5 @@
-"""Prefill and decoding through ``torch.compile`` give the tokens and logits of eager mode, and can be switched off."""
+"""Prefill and decoding through ``torch.compile`` give the tokens and logits of eager mode, and can be switched off;
+on CPU prompts stay eager unless asked for."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ def model():
     return random_model(tiny_config(), seed=3)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_compiled_decode_matches_eager(model, precision):
+@pytest.mark.parametrize(("precision", "prefill"), [("fp32", True), ("int8", None)])
+def test_compiled_decode_matches_eager(model, precision, prefill):
     m = copy.deepcopy(model) if precision == "fp32" else quantize(copy.deepcopy(model), 8)
     ids = torch.randint(0, 151643, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row: the growing mask goes through the compiled step too
     eager = greedy_decode(m, ids, mask, 12)[0]
-    m.compile_inference()
+    m.compile_inference(prefill=prefill)
     assert m.compiled
     compiled = greedy_decode(m, ids, mask, 12)[0]
     torch.testing.assert_close(compiled, eager, atol=2e-4 if precision == "fp32" else 2e-2, rtol=1e-4)
@@ -32,6 +33,23 @@ def test_compiled_decode_matches_eager(model, precision):
     m.compile_inference(False)
     assert not m.compiled
     assert torch.equal(single, m.generate(ids[:1], max_new_tokens=10, do_sample=False, eos_token_id=None))
+
+
+def test_on_cpu_prompts_stay_eager_unless_asked_for(model):
+    from torch._dynamo.utils import counters
+
+    ids = torch.randint(0, 151643, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        eager = model(ids).logits
+    m = copy.deepcopy(model).compile_inference()
+    frames = counters["frames"]["total"]
+    with torch.inference_mode():
+        assert torch.equal(m(ids).logits, eager)  # the eager pass itself, bit for bit
+    assert counters["frames"]["total"] == frames  # nothing went through dynamo
+    m.compile_inference(prefill=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids).logits, eager, atol=2e-4, rtol=1e-4)
+    assert counters["frames"]["total"] > frames
 
 
 def test_a_copy_of_a_compiled_model_decodes_eagerly_with_its_own_weights(model):
@@ -50,7 +68,7 @@ def test_new_lengths_and_capacities_do_not_recompile():
     import torch._dynamo
 
     # head_dim 16 and a first rotary table of 16 rows: sizes that torch.compile would tie together
-    m = random_model(tiny_config(hidden_size=64, kv_channels=16), seed=4).compile_inference()
+    m = random_model(tiny_config(hidden_size=64, kv_channels=16), seed=4).compile_inference(prefill=True)
     ids = torch.randint(0, 151643, (1, 40), generator=torch.Generator().manual_seed(1))
     try:
         with torch.inference_mode():

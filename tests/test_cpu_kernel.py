@@ -332,3 +332,29 @@ def test_argmax_never_builds_the_kernels():
             "assert torch.equal(cpu_kernel.argmax(x), x.argmax(-1)); print(sorted(cpu_kernel._state))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]" and out.stderr == ""
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [4, 5])
+def test_the_fitting_kernel_rounds_as_the_pytorch_code(bits):
+    # the same search with the same float arithmetic; only the order of the sums differs, so a near tie between
+    # two steps may go the other way: codes equal nearly everywhere, and never a worse fit than by a rounding
+    from qwenlm.quant.linear import fit_int4_groups
+
+    torch.manual_seed(6)
+    w = torch.randn(512, 256) * torch.rand(512, 1)
+    w[3, 64:96] = -0.5  # a constant group
+    kernel = fit_int4_groups(w, 32, bits)
+    cpu_kernel.set_enabled(False)
+    try:
+        plain = fit_int4_groups(w, 32, bits)
+    finally:
+        cpu_kernel.set_enabled(True)
+    assert (kernel[0] == plain[0]).float().mean() > 0.9999
+
+    def error(codes, scale, zero):
+        fitted = (codes.float().reshape(512, 8, 32) - (1 << (bits - 1))) * scale[..., None] + zero[..., None]
+        return (fitted.reshape(512, 256) - w).square().reshape(512, 8, 32).sum(-1)
+
+    assert torch.all(error(*kernel) <= error(*plain) * (1 + 1e-5) + 1e-12)
+    torch.testing.assert_close(error(*kernel).sum(), error(*plain).sum(), rtol=1e-6, atol=0)

@@ -135,6 +135,25 @@ def test_read_gguf_tokenizer_equals_read_gguf_tokenizer(tiny):
     assert full.mergeable_ranks == alone.mergeable_ranks and full.special_tokens == alone.special_tokens
 
 
+def test_a_model_and_its_tokenizer_build_the_vocabulary_once(tmp_path, monkeypatch):
+    # loading a model reads the tokenizer too (its special ids): one build per file, a copy for each caller
+    import qwenlm.gguf
+    from qwenlm.checkpoint import load_model, load_tokenizer
+
+    path, _ = write(tmp_path)
+    builds = []
+    build = qwenlm.gguf.tokenizer_from_metadata
+    monkeypatch.setattr(qwenlm.gguf, "tokenizer_from_metadata", lambda *a: builds.append(a) or build(*a))
+    tok = load_tokenizer(path)
+    model = load_model(path, dtype="float32", device="cpu")
+    again = load_tokenizer(path)
+    assert len(builds) == 1 and model.generation_config.eos_token_id == tok.eos_token_id
+    again.chat_template, again.special_tokens["<x>"] = "changed", 1
+    assert tok.chat_template == CHAT_TEMPLATE and "<x>" not in tok.special_tokens  # the copies are apart
+    write_tiny_gguf(path, TinySpec(eos="<|endoftext|>"))  # the file changed: built again
+    assert load_tokenizer(path).eos_token_id == N_REGULAR + SPECIALS.index("<|endoftext|>") and len(builds) == 2
+
+
 # -- errors -------------------------------------------------------------------------------------------
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gguf"):

@@ -69,3 +69,21 @@ def test_a_damaged_file_is_refused_with_the_reason(tiny_bytes, tmp_path, change,
     path.write_bytes(change(tiny_bytes))
     with pytest.raises(GGUFFormatError, match=message):
         read_gguf_file(path)
+
+
+def test_a_header_is_parsed_once_per_version_of_the_file(tmp_path, monkeypatch):
+    import qwenlm.gguf_file
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    parses = []
+    parse = qwenlm.gguf_file._parse_header
+    monkeypatch.setattr(qwenlm.gguf_file, "_parse_header", lambda buf: parses.append(1) or parse(buf))
+    first = read_gguf_file(path)
+    first.metadata["general.architecture"] = "changed by a caller"
+    second = read_gguf_file(path)
+    assert len(parses) == 1 and second.metadata["general.architecture"] == "qwen2"
+    assert [t.name for t in second.tensors] == [t.name for t in first.tensors]
+    write_tiny_gguf(path, TinySpec(types={"ffn_down.weight": Q.Q4_0}))  # rewritten: parsed again, its new types
+    third = read_gguf_file(path)
+    assert len(parses) == 2 and {t.name: t.type_name for t in third.tensors}["blk.0.ffn_down.weight"] == "Q4_0"

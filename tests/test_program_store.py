@@ -12,6 +12,7 @@ import torch
 
 from qwenlm.generation import program_store
 from tests.builders import greedy_decode, random_model, tiny_config
+from tests.conftest import USERS_FOLDER
 
 
 def _decode(model, ids, steps):
@@ -41,6 +42,8 @@ def ids():
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
+    """The store where users have it, under ``$QWENLM_CACHE`` (the other tests use a folder of the session)."""
+    monkeypatch.setattr(program_store, "folder", USERS_FOLDER)
     monkeypatch.setenv("QWENLM_CACHE", str(tmp_path))
     return tmp_path / program_store.FOLDER
 
@@ -81,6 +84,7 @@ def test_a_damaged_file_is_compiled_again_and_replaced(model, ids, store):
 def test_an_unwritable_folder_only_costs_the_compiling(model, ids, tmp_path, monkeypatch):
     blocked = tmp_path / "a-file"
     blocked.write_text("")
+    monkeypatch.setattr(program_store, "folder", USERS_FOLDER)
     monkeypatch.setenv("QWENLM_CACHE", str(blocked))  # its "aoti" folder cannot be made
     eager = _decode(model, ids, 2)
     unwritable = r"cannot keep compiled decoding programs in .*a-file.*QWENLM_CACHE"

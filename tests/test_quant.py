@@ -72,7 +72,19 @@ def test_quantisation_error_is_small(cls, tol):
     assert err < tol
 
 
-def test_int4_fit_recovers_weights_already_on_a_4bit_grid():
+@pytest.fixture(params=["kernel", "pytorch"])
+def fit_path(request):
+    """Each fitting test through qwenlm's CPU kernel (where it builds) and through the PyTorch code."""
+    from qwenlm.quant import cpu_kernel
+
+    if request.param == "kernel" and not cpu_kernel.available():
+        pytest.skip(f"int4/int8 CPU kernels: {cpu_kernel.status()}")
+    cpu_kernel.set_enabled(request.param == "kernel")
+    yield request.param
+    cpu_kernel.set_enabled(True)
+
+
+def test_int4_fit_recovers_weights_already_on_a_4bit_grid(fit_path):
     # e.g. a GGUF Q4_K/Q4_0 tensor: each group of 32 is (code - 8) * scale + zero with 4-bit codes
     g = torch.Generator().manual_seed(2)
     codes = torch.randint(0, 16, (6, 64), generator=g)
@@ -87,7 +99,7 @@ def test_int4_fit_recovers_weights_already_on_a_4bit_grid():
 
 
 @pytest.mark.parametrize("bits", [4, 5])
-def test_int4_fit_picks_per_group_the_spacing_with_the_least_squared_error(bits):
+def test_int4_fit_picks_per_group_the_spacing_with_the_least_squared_error(bits, fit_path):
     # the search written plainly, one group at a time: the vectorised fit must choose the same codes
     from qwenlm.quant.linear import SCALE_STEPS
 
@@ -113,7 +125,7 @@ def test_int4_fit_picks_per_group_the_spacing_with_the_least_squared_error(bits)
     assert torch.allclose(fitted[1, 32:64], w[1, 32:64], atol=1e-6)
 
 
-def test_int4_fit_beats_min_max_rounding():
+def test_int4_fit_beats_min_max_rounding(fit_path):
     torch.manual_seed(3)
     w = torch.randn(64, 256) * torch.rand(64, 1)
     w[0, 5] = 8.0  # an outlier group

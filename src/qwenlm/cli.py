@@ -65,8 +65,10 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _add_compile_arg(p: argparse.ArgumentParser, graphs_by_default: bool = True) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="compile prefill and decoding with torch.compile (the first tokens wait for the compiler, "
-                        "minutes for the demo model on 2 CPU cores; see benchmarks/RESULTS.md)")  # fmt: skip
+                   help="compile the decoding step (on CPU ahead of time, kept on disk: the first run waits ~1 "
+                        "minute per batch size for the demo model on 2 cores, later ones seconds) and, on CUDA, "
+                        "prompt processing with torch.compile (on CPU prompts stay eager: compiling them paid "
+                        "0-10 %%; see benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=graphs_by_default,
                    help="on a CUDA device, decode by replaying CUDA graphs (recorded once per batch size and "
                         f"cache size; default: {'on' if graphs_by_default else 'off'}; no effect on CPU)")  # fmt: skip

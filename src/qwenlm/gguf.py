@@ -16,6 +16,7 @@ innermost first, i.e. the reverse).
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_
     _check_shapes(names, shapes, _expected_shapes(arch, config), source)
     _check_types(reader, source)
 
-    tokenizer = tokenizer_from_metadata(meta, source)
+    tokenizer = _tokenizer(reader, source)
     config.update(
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id", tokenizer.eod_id),
         eos_token_id=tokenizer.eos_token_id,
@@ -159,9 +160,26 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_
 def read_gguf_tokenizer(path: str | Path) -> QwenTokenizer:
     """Only the tokenizer of a GGUF file (no tensor is read)."""
     path = Path(path)
-    meta = open_gguf(path).metadata
-    tokenizer = tokenizer_from_metadata(meta, str(path))
+    reader = open_gguf(path)
+    meta = reader.metadata
+    tokenizer = _tokenizer(reader, str(path))
     tokenizer.chat_template = meta.get("tokenizer.chat_template") or None
+    return tokenizer
+
+
+_TOKENIZERS: dict[tuple, QwenTokenizer] = {}
+
+
+def _tokenizer(reader: GGUFFile, source: str) -> QwenTokenizer:
+    """The file's tokenizer (``tokenizer_from_metadata``), built once per file (as it is now) in a process: ~1 s
+    for Qwen's vocabulary, which loading a model and loading its tokenizer both need. A copy each time."""
+    built = _TOKENIZERS.get(reader.identity) if reader.identity else None
+    if built is None:
+        built = tokenizer_from_metadata(reader.metadata, source)
+        _TOKENIZERS.clear()  # the last file's only
+        _TOKENIZERS[reader.identity] = built
+    tokenizer = copy.copy(built)
+    tokenizer.special_tokens = dict(built.special_tokens)
     return tokenizer
 
 

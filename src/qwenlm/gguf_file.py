@@ -16,6 +16,7 @@ Tensor data stay in the map (read-only arrays, no copy) until they are dequantis
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+KEEP_HEADERS = 2  # parsed headers kept (see read_gguf_file)
 
 # metadata value types (GGUFValueType): struct format of the scalar ones
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -34,6 +36,9 @@ _STRING, _ARRAY = 8, 9
 # ggml types whose data GGUFReader (and so gguf.quants.dequantize) hands out as typed arrays, not bytes
 _TYPED = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16, "I32": np.int32,
           "I64": np.int64}  # fmt: skip
+
+
+_HEADERS: dict[tuple, tuple[int, dict[str, Any], list[tuple], int]] = {}
 
 
 class GGUFFormatError(ValueError):
@@ -55,6 +60,7 @@ class GGUFFile:
     version: int
     metadata: dict[str, Any]
     tensors: list[GGUFTensor]
+    identity: tuple = ()  # (path, device, inode, size, mtime): the file as it was read
 
 
 class _Cursor:
@@ -95,40 +101,29 @@ class _Cursor:
 
 
 def read_gguf_file(path: str | Path) -> GGUFFile:
-    """Parse ``path``'s header; ``GGUFFormatError`` where it is short, damaged or not version 2/3."""
+    """Parse ``path``'s header; ``GGUFFormatError`` where it is short, damaged or not version 2/3. The parsed
+    header of the last few files is kept, keyed by the file's identity, size and modification time: loading a
+    model reads it for the tokenizer, the weights and the int4 grids (each ~1 s of parsing for Qwen's
+    vocabulary). Its metadata values are shared between the calls: read them, do not change them."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # the ggml type table
 
     path = Path(path)
     with path.open("rb") as f:
-        if path.stat().st_size == 0:
+        st = os.fstat(f.fileno())
+        if st.st_size == 0:
             raise GGUFFormatError("the file is empty")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays open while arrays view it
-    c = _Cursor(buf)
-    try:
-        if buf[:4] != MAGIC:
-            raise GGUFFormatError(f"it starts with {bytes(buf[:4])!r}, not {MAGIC!r}")
-        c.at = 4
-        version = c.scalar("I")
-        if version not in VERSIONS:
-            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
-            hint = " (a big-endian file)" if swapped in VERSIONS else ""
-            raise GGUFFormatError(f"GGUF version {version}{hint} is not supported, only {VERSIONS}")
-        n_tensors, n_pairs = c.scalar("Q"), c.scalar("Q")
-        metadata = {}
-        for _ in range(n_pairs):
-            key = c.string()
-            metadata[key] = c.value(c.scalar("I"))
-        directory = []
-        for _ in range(n_tensors):
-            name = c.string()
-            dims = tuple(c.scalar("Q") for _ in range(c.scalar("I")))
-            directory.append((name, dims, c.scalar("I"), c.scalar("Q")))
-    except (struct.error, UnicodeDecodeError) as e:
-        raise GGUFFormatError(f"the header ends early or is damaged at byte {c.at:,} ({e})") from e
+    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    header = _HEADERS.pop(key, None) or _parse_header(buf)
+    _HEADERS[key] = header  # the most recent last
+    while len(_HEADERS) > KEEP_HEADERS:
+        _HEADERS.pop(next(iter(_HEADERS)))
+    version, metadata, directory, end = header
+    metadata = dict(metadata)
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"general.alignment is {alignment!r}, not a power of two")
-    start = -(-c.at // alignment) * alignment
+    start = -(-end // alignment) * alignment
     tensors, seen = [], set()
     for name, dims, type_id, offset in directory:
         if name in seen:
@@ -152,4 +147,31 @@ def read_gguf_file(path: str | Path) -> GGUFFile:
             data = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=at)
             data = data.reshape(*rows[:-1], rows[-1] // per_block * block_bytes) if rows else data
         tensors.append(GGUFTensor(name, dims, qtype.name, n, data))
-    return GGUFFile(path, version, metadata, tensors)
+    return GGUFFile(path, version, metadata, tensors, key)
+
+
+def _parse_header(buf: mmap.mmap) -> tuple[int, dict[str, Any], list[tuple], int]:
+    """The version, metadata, tensor directory (name, dims, ggml type id, offset) and where the header ends."""
+    c = _Cursor(buf)
+    try:
+        if buf[:4] != MAGIC:
+            raise GGUFFormatError(f"it starts with {bytes(buf[:4])!r}, not {MAGIC!r}")
+        c.at = 4
+        version = c.scalar("I")
+        if version not in VERSIONS:
+            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            hint = " (a big-endian file)" if swapped in VERSIONS else ""
+            raise GGUFFormatError(f"GGUF version {version}{hint} is not supported, only {VERSIONS}")
+        n_tensors, n_pairs = c.scalar("Q"), c.scalar("Q")
+        metadata = {}
+        for _ in range(n_pairs):
+            key = c.string()
+            metadata[key] = c.value(c.scalar("I"))
+        directory = []
+        for _ in range(n_tensors):
+            name = c.string()
+            dims = tuple(c.scalar("Q") for _ in range(c.scalar("I")))
+            directory.append((name, dims, c.scalar("I"), c.scalar("Q")))
+    except (struct.error, UnicodeDecodeError) as e:
+        raise GGUFFormatError(f"the header ends early or is damaged at byte {c.at:,} ({e})") from e
+    return version, metadata, directory, c.at

@@ -67,6 +67,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _Embedding(nn.Embedding):
+    """``nn.Embedding`` that draws no initial weights on the meta device (a model built to load a checkpoint
+    into): PyTorch's ``normal_`` there imports dynamo, 1.5-2 s of every load that would not use it."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class QwenModel(nn.Module):
     """Embedding, decoder blocks and final norm (``transformer.*`` in the official checkpoint).
 
@@ -78,7 +87,7 @@ class QwenModel(nn.Module):
     def __init__(self, config: QwenConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = _Embedding(config.vocab_size, config.hidden_size)
         self.drop = nn.Dropout(config.emb_dropout_prob)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
@@ -202,7 +211,7 @@ class QwenForCausalLM(nn.Module):
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache()
-        if self._compiled is not None and not torch.is_grad_enabled():
+        if self._compiled is not None and "prefill" in self._compiled and not torch.is_grad_enabled():
             # worked out here: values chosen inside the compiled pass would make it recompile for new ones
             if cache is not None:
                 self._reserve(cache, input_ids)
@@ -246,26 +255,32 @@ class QwenForCausalLM(nn.Module):
         cache.reserve(input_ids.shape[0], c.n_kv_heads, c.head_dim, cache.seq_len + input_ids.shape[1], self.dtype,
                       self.device)  # fmt: skip
 
-    def compile_inference(self, enabled: bool = True, ahead_of_time: bool = True) -> QwenForCausalLM:
-        """Run inference through ``torch.compile`` (inductor): the decoder stack of every ``forward`` without
-        gradients (prefill, scoring; dynamic shapes) and the one-token ``decode_step`` (on CPU with dynamic
-        shapes; on CUDA with static shapes, recorded in CUDA graphs, see ``use_cuda_graphs``). New cache
-        capacities, prompt lengths and a growing attention mask do not recompile on CPU; a new batch size does.
-        The first passes pay the compilation (about 1.5 minutes for the prefill of the demo model on 2 CPU cores,
-        ~40-80 s per batch size for its decoding step, which is then kept on disk: ~8 s in a later process);
-        ``qwenlm bench --compile`` shows whether the faster passes repay it. ``enabled=False``: eager again.
-        On CPU the decoding step is compiled ahead of time by AOTInductor (``generation.exported``: no dynamo
-        at each token); ``ahead_of_time=False``, or where that step
-        does not apply (window attention) or cannot be built, it goes through ``torch.compile``, skipping
-        dynamo's guards on the modules' hooks and weights (``qwenlm.compiling``). Either way, hooks registered
-        afterwards are not run by it (call ``compile_inference()`` again). Call it after moving the model to
-        its device."""
+    def compile_inference(
+        self, enabled: bool = True, ahead_of_time: bool = True, prefill: bool | None = None
+    ) -> QwenForCausalLM:
+        """Compile inference: the one-token ``decode_step`` always (on CPU ahead of time by AOTInductor, see
+        below; on CUDA through ``torch.compile`` with static shapes, recorded in CUDA graphs, see
+        ``use_cuda_graphs``) and, with ``prefill``, the decoder stack of every ``forward`` without gradients
+        (prompts, scoring) through ``torch.compile`` with dynamic shapes. ``prefill`` defaults to on for CUDA
+        (1.5x for 512-token prompts of a 7B shape on an H100) and off for CPU, where the compiled prompts of
+        the demo model were 0.98-1.22x the eager ones (most within 10 %) and their compilation costs 45-75 s
+        in every process on 2 cores (``benchmarks/prefill_compile.py``, RESULTS.md).
+        New cache capacities, prompt lengths and a growing attention mask do not recompile on CPU; a new batch
+        size does. The CPU decoding step takes ~40-80 s per batch size to build for the demo model and is kept
+        on disk (``generation.program_store``: ~8 s in a later process); ``qwenlm bench --compile`` shows
+        whether the faster passes repay it. ``enabled=False``: eager again. ``ahead_of_time=False``, or where
+        that step does not apply (window attention) or cannot be built, the CPU step goes through
+        ``torch.compile``, skipping dynamo's guards on the modules' hooks and weights (``qwenlm.compiling``).
+        Either way, hooks registered afterwards are not run by it (call ``compile_inference()`` again). Call
+        it after moving the model to its device."""
         if enabled:
             # the rotary table exists before the first compiled pass, which would otherwise build it and so
             # be compiled for a state that the next pass no longer sees
             self.transformer.rotary.cos_sin(0, 1, [1.0], self.device)
             self.prepare_layers()
-            self._compiled = {"prefill": torch.compile(self.transformer.forward, dynamic=True)}
+            if prefill is None:
+                prefill = self.device.type == "cuda"
+            self._compiled = {"prefill": torch.compile(self.transformer.forward, dynamic=True)} if prefill else {}
             if self.device.type == "cuda":
                 self._graphs = GraphDecoder(self, compile=True)
             else:

@@ -1,6 +1,7 @@
 // 4-bit and 8-bit weight x few-row activation products for x86 CPUs with AVX-512 VNNI
 // (qwenlm.quant.cpu_kernel): int4_gemv, int8_gemv; and prompt-sized products in int8 through PyTorch's int8
-// matrix product (int8_matmul, with int4 weights rounded to int8 rows by int4_to_int8; at the end).
+// matrix product (int8_matmul, with int4 weights rounded to int8 rows by int4_to_int8; at the end); and the
+// rounding of fp32 weights to 4-bit codes while loading (fit_groups, last).
 //
 // int4 weights: Int4Linear's own layout, (N, K/2) bytes, weight 2i of a row in the low nibble of byte i, 2i+1 in
 // the high one; per group of 32 weights a bf16 scale s and zero z, w = (q - 8) * s + z, passed as (N, G, 2).
@@ -787,6 +788,83 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+// ---- 4-bit (or 5-bit) codes for fp32 weights in groups of 32 (loading) ----------------------------------------
+// Int4Linear's rounding, the same arithmetic as linear.fit_int4_groups' PyTorch code (see there): per group, for
+// each step offset in `steps`, codes q = clamp(round((w - lo) * (1 / span * (top + step))), 0, top), the scale
+// s and offset m that fit them by least squares, and their squared error; the first step with the smallest
+// error wins. Sums run in another order than PyTorch's, so a near tie may pick another step.
+struct GroupFit {
+  float scale, offset, step;
+};
+
+inline GroupFit fit_group(const float* w, int top, const std::vector<double>& steps, uint8_t* codes) {
+  const __m512 a = _mm512_loadu_ps(w), b = _mm512_loadu_ps(w + 16);
+  const float lo = std::min(_mm512_reduce_min_ps(a), _mm512_reduce_min_ps(b));
+  const float span = std::max(std::max(_mm512_reduce_max_ps(a), _mm512_reduce_max_ps(b)) - lo, 1e-8f);
+  const float sum_w = _mm512_reduce_add_ps(_mm512_add_ps(a, b)), inverse = 1.f / span;
+  const __m512 sa = _mm512_sub_ps(a, _mm512_set1_ps(lo)), sb = _mm512_sub_ps(b, _mm512_set1_ps(lo));
+  const __m512 zero = _mm512_setzero_ps(), highest = _mm512_set1_ps(static_cast<float>(top));
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // half to even, as torch.round
+  auto codes_for = [&](float mult, __m512* qa, __m512* qb) {
+    const __m512 m = _mm512_set1_ps(mult);
+    *qa = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(sa, m), kRound), zero), highest);
+    *qb = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(sb, m), kRound), zero), highest);
+  };
+  const float g = static_cast<float>(kGroup);
+  GroupFit best{0.f, 0.f, 0.f};
+  float best_err = 0.f;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    __m512 qa, qb;
+    codes_for(inverse * static_cast<float>(top + steps[i]), &qa, &qb);  // (a Python float times a tensor)
+    const float sum_q = _mm512_reduce_add_ps(_mm512_add_ps(qa, qb));
+    const float sum_qq = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_mul_ps(qa, qa), _mm512_mul_ps(qb, qb)));
+    const float sum_qw = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_mul_ps(qa, a), _mm512_mul_ps(qb, b)));
+    const float det = g * sum_qq - sum_q * sum_q;
+    const float s = det <= 0.f ? span / static_cast<float>(top) : (g * sum_qw - sum_q * sum_w) / det;
+    const float m = (sum_w - s * sum_q) / g;
+    const __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(m);
+    const __m512 ea = _mm512_sub_ps(_mm512_add_ps(vm, _mm512_mul_ps(vs, qa)), a);
+    const __m512 eb = _mm512_sub_ps(_mm512_add_ps(vm, _mm512_mul_ps(vs, qb)), b);
+    const float err = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_mul_ps(ea, ea), _mm512_mul_ps(eb, eb)));
+    if (i == 0 || err < best_err) {
+      best_err = err;
+      best = {s, m, static_cast<float>(steps[i])};
+    }
+  }
+  __m512 qa, qb;  // the winner's codes, with its step as a float32 tensor holds it (as the PyTorch code)
+  codes_for(inverse * (static_cast<float>(top) + best.step), &qa, &qb);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(qa)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(qb)));
+  return best;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_groups(const at::Tensor& w_in, int64_t bits,
+                                                          at::ArrayRef<double> steps_in) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat && w_in.size(1) % kGroup == 0,
+              "fit_groups: w (N, K) float32 with K a multiple of 32");
+  TORCH_CHECK((bits == 4 || bits == 5) && !steps_in.empty(), "fit_groups: bits 4 or 5 and at least one step");
+  const at::Tensor w = w_in.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), groups = k / kGroup;
+  const int top = (1 << bits) - 1;
+  const float middle = static_cast<float>(1 << (bits - 1));
+  const std::vector<double> steps(steps_in.begin(), steps_in.end());
+  at::Tensor codes = at::empty({n, k}, w.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({n, groups}, w.options());
+  at::Tensor zero = at::empty({n, groups}, w.options());
+  const float* wp = w.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  float* zp = zero.data_ptr<float>();
+  at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const GroupFit f = fit_group(wp + i * kGroup, top, steps, cp + i * kGroup);
+      sp[i] = f.scale;
+      zp[i] = f.offset + middle * f.scale;
+    }
+  });
+  return {codes, scale, zero};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qwenlm_cpu, m) {
@@ -797,6 +875,7 @@ TORCH_LIBRARY(qwenlm_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None) -> Tensor");
   m.def("decode_attention_upto(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor length) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("fit_groups(Tensor w, int bits, float[] steps) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
@@ -807,4 +886,5 @@ TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("decode_attention_upto", &decode_attention_upto);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("fit_groups", &fit_groups);
 }

@@ -82,6 +82,8 @@ def fit_int4_groups(w: torch.Tensor, group_size: int,
     keep the spacing with the smallest squared error (the idea of llama.cpp's k-quant search). A group that
     already lies on a 4-bit grid is recovered exactly. Returns codes (n, k) uint8 and scale, zero (n, k/g).
     """
+    if group_size == 32 and w.dtype == torch.float32 and w.device.type == "cpu" and cpu_kernel.available():
+        return cpu_kernel.fit_groups(w, bits, SCALE_STEPS)  # the same arithmetic, ~20x faster
     n, k = w.shape
     top, middle = (1 << bits) - 1, 1 << (bits - 1)
     g = w.reshape(n, k // group_size, group_size)

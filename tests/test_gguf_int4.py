@@ -154,3 +154,24 @@ def test_int4_from_a_gguf_keeps_its_5bit_tensors_in_5_bits(tiny_q5, tmp_path):
     ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_loading_at_int4_skips_dequantising_what_it_keeps_and_gives_the_same_model(tmp_path, monkeypatch):
+    # the tensors taken over as 4-bit codes are not dequantised while loading; the rest (a 4-bit embedding
+    # included: it is looked up, not a linear layer) are, and the model equals quantising the whole fp32 one
+    import qwenlm.gguf
+
+    path = tmp_path / "q4-embedding.gguf"
+    write_tiny_gguf(path, TinySpec(types={"attn_q.weight": Q.Q4_0, "attn_k.weight": Q.Q4_0, "attn_v.weight": Q.Q4_0,
+                                          "ffn_down.weight": Q.Q4_1, "token_embd.weight": Q.Q4_0}))  # fmt: skip
+    full = QwenForCausalLM.from_pretrained(path, dtype="float32", device="cpu")
+    quantize(full, 4, grids=gguf_grids(path, bits=4))
+    dequantised = []
+    real = qwenlm.gguf._dequantize
+    monkeypatch.setattr(qwenlm.gguf, "_dequantize", lambda t, dtype: dequantised.append(t.name) or real(t, dtype))
+    model = load_model(path, dtype="float32", device="cpu", quantize=4)
+    assert "token_embd.weight" in dequantised
+    assert not [n for n in dequantised if n.endswith(("attn_q.weight", "attn_k.weight", "ffn_down.weight"))]
+    assert full.state_dict().keys() == model.state_dict().keys()
+    for name, tensor in full.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

@@ -258,7 +258,12 @@ def load_model(
 
         ckpt = read_gguf(path, dtype=dtype, tensors=False)
         config = _with_overrides(QwenConfig.from_dict(ckpt.config, source=str(path)), ntk, logn)
-        model = _build(config, ckpt.stream(), str(path), dtype, device, _quantizer(path, quantize))
+        quantizer, grids = _quantizer(path, quantize)
+        kept = grids.sources if grids else ()  # tensors taken over as 4-bit codes: not dequantised
+        model = _build(config, ckpt.stream(kept), str(path), dtype, device, quantizer)
+        left = [n for n, p in model.named_parameters() if p.dim() and 0 in p.stride()]
+        if left:  # a stand-in for a kept tensor that no 4-bit layer took over: a bug, never a silent zero
+            raise CheckpointError(f"{path}: {', '.join(left[:5])} were not taken over as 4-bit codes")
         model.generation_config = GenerationConfig(eos_token_id=ckpt.eos_token_id, pad_token_id=ckpt.eos_token_id)
         if window is not None:
             model.transformer.set_long_context(window=window)
@@ -266,23 +271,24 @@ def load_model(
     if not path.is_dir():
         raise ValueError(f"{path} is neither a checkpoint folder nor a .gguf file")
     config = _with_overrides(QwenConfig.from_json(path), ntk, logn)
-    model = _build(config, read_tensors(path), f"checkpoint {path}", dtype, device, _quantizer(path, quantize))
+    model = _build(config, read_tensors(path), f"checkpoint {path}", dtype, device, _quantizer(path, quantize)[0])
     model.generation_config = GenerationConfig.from_folder(path)
     if window is not None:
         model.transformer.set_long_context(window=window)
     return model
 
 
-def _quantizer(path: Path, bits: int | None) -> Any:
-    """What builds the load-time ``quant.Quantizer`` for a model, or None."""
+def _quantizer(path: Path, bits: int | None) -> tuple[Any, Any]:
+    """What builds the load-time ``quant.Quantizer`` for a model (or None), and the 4-bit grids it takes over
+    from a GGUF file (``gguf.Int4Grids``, or None)."""
     if bits is None:
-        return None
+        return None, None
     from .quant import Quantizer, gguf_grids
 
     if bits not in (4, 8):
         raise ValueError(f"quantize must be 8 or 4 (bits), got {bits!r}")
     grids = gguf_grids(path, bits)
-    return lambda model: Quantizer(model, bits, grids=grids)
+    return (lambda model: Quantizer(model, bits, grids=grids)), grids
 
 
 def _with_overrides(config: QwenConfig, ntk: bool | None, logn: bool | None) -> QwenConfig:

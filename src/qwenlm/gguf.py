@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,7 @@ class GGUFCheckpoint:
     tokenizer: QwenTokenizer
     chat_template: str | None
     eos_token_id: int
-    stream: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False, default=lambda: iter(()))
+    stream: Callable[..., Iterator[tuple[str, torch.Tensor]]] = field(repr=False, default=lambda kept=(): iter(()))
 
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_bar: bool = True,
@@ -132,14 +132,19 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_
             f"{config['vocab_size']} rows; the file is inconsistent"
         )
 
-    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+    def stream(kept: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each tensor by its HF name, dequantised; those named in ``kept`` (taken over as 4-bit grids, see
+        ``read_gguf_int4``) only as zeros of their shape, a view of one value (not worth dequantising)."""
         todo = [t for t in reader.tensors if t.name in names]
         # Counted in weights, not tensors: the two embedding matrices are a third of the work.
         bar = progress.bar(sum(int(t.n_elements) for t in todo), f"dequantising {path.name}", "w", progress_bar,
                            unit_scale=True)  # fmt: skip
         try:
             for t in todo:
-                yield names[t.name], _dequantize(t, dtype)
+                if names[t.name] in kept:
+                    yield names[t.name], torch.zeros((), dtype=dtype).expand(shapes[t.name])
+                else:
+                    yield names[t.name], _dequantize(t, dtype)
                 bar.update(int(t.n_elements))
         finally:
             bar.close()
@@ -227,7 +232,10 @@ def read_gguf_int4(path: str | Path) -> dict[str, Any]:
     grids = {
         names[t.name]: int4_grid(t.data, t.type_name, shapes[t.name])
         for t in reader.tensors
-        if t.type_name in INT4_TYPES and t.name in names and names[t.name].endswith(".weight")
+        if t.type_name in INT4_TYPES
+        and t.name in names
+        and names[t.name].endswith(".weight")
+        and not names[t.name].endswith(_EMBEDDINGS)  # (an embedding is looked up, not multiplied)
     }
     if arch == "qwen2":
         qkv = re.compile(r"model\.layers\.(\d+)\.self_attn\.[qkv]_proj\.weight")
@@ -238,10 +246,25 @@ def read_gguf_int4(path: str | Path) -> dict[str, Any]:
         mixed = {layer for layer, b in bits.items() if len(b) < 3 or len(set(b)) > 1}
         for name in [n for n in grids if (m := qkv.fullmatch(n)) and m.group(1) in mixed]:
             del grids[name]  # a c_attn with parts in other types is quantised as a whole instead
+        sources = set(grids)
         parts = [qwen2_to_v1_names({n: g[i] for n, g in grids.items()}) for i in range(3)]
         high = qwen2_to_v1_names({n: g.high for n, g in grids.items() if g.high is not None})
         grids = {n: Int4Grid(*(p[n] for p in parts), high.get(n)) for n in parts[0]}
-    return {name.removesuffix(".weight"): grid for name, grid in grids.items()}
+    else:
+        sources = set(grids)
+    return Int4Grids({name.removesuffix(".weight"): grid for name, grid in grids.items()}, sources=sources)
+
+
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight")  # the input embedding's HF (Qwen2) and Qwen v1 names
+
+
+class Int4Grids(dict):
+    """``read_gguf_int4``'s grids by layer, and ``sources``: the file's tensors they hold, by HF name (what
+    ``read_gguf``'s ``stream(kept=...)`` need not dequantise)."""
+
+    def __init__(self, grids: dict[str, Any], sources: set[str]) -> None:
+        super().__init__(grids)
+        self.sources = frozenset(sources)
 
 
 def supported_types() -> list[str]:

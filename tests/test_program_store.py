@@ -15,16 +15,16 @@ from tests.builders import greedy_decode, random_model, tiny_config
 from tests.conftest import USERS_FOLDER
 
 
-def _decode(model, ids, steps):
-    return greedy_decode(model, ids, None, steps, capacity=16)[0]
+def _decode(model, ids, steps, capacity=16):
+    return greedy_decode(model, ids, None, steps, capacity=capacity)[0]
 
 
-def _through_a_new_decoder(model, ids, steps, warns: str | None = None):
+def _through_a_new_decoder(model, ids, steps, warns: str | None = None, capacity=16):
     """``_decode`` after ``compile_inference()`` (a new decoder, as in a new process), expecting a warning that
     matches ``warns``; then eager again. The logits and the decoder that made them."""
     try:
         with pytest.warns(UserWarning, match=warns) if warns else contextlib.nullcontext():
-            logits = _decode(model.compile_inference(), ids, steps)
+            logits = _decode(model.compile_inference(), ids, steps, capacity)
         return logits, model._exported
     finally:
         model.compile_inference(False)
@@ -67,6 +67,16 @@ def test_a_later_decoder_loads_the_stored_program(model, ids, store, monkeypatch
     torch.testing.assert_close(first, eager, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(later, first, atol=0, rtol=0)
     assert list(store.glob("*.pt2")) == [stored]
+
+
+def test_caches_of_other_capacities_share_the_stored_program(model, ids, store, monkeypatch):
+    # the capacity is a dynamic dimension: a cache of 48 and one of 64 slots run one program, so a later process
+    # with another prompt or generation length loads it (the traced examples' strides once gave them two keys)
+    first, _ = _through_a_new_decoder(model, ids, 3, capacity=48)
+    _compiling_fails(monkeypatch)
+    later, decoder = _through_a_new_decoder(model, ids, 3, capacity=64)
+    assert decoder.failure is None and decoder.programs_from_store == 1 and len(list(store.glob("*.pt2"))) == 1
+    torch.testing.assert_close(later, first, atol=2e-4, rtol=1e-4)
 
 
 def test_a_damaged_file_is_compiled_again_and_replaced(model, ids, store):

@@ -188,9 +188,15 @@ class ExportedDecoder:
         n = EXAMPLE_CAPACITY
         with torch.inference_mode(False), torch.no_grad():  # example inputs: small normal tensors (written in place)
             kv = [torch.zeros(*b.shape[:2], n, b.shape[3], dtype=b.dtype) for b in cache._k]
+
+            # (fresh contiguous copies: a slice's clone keeps its strides, which for a dimension of size 1 (the
+            # batch) are the full table's and would give the same program another key in the store)
+            def example(t: torch.Tensor) -> torch.Tensor:
+                return t.clone(memory_format=torch.contiguous_format)
+
             args = (torch.zeros(tables.valid.shape[0], 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                    tables.valid[:, :n].clone(), tables.cos[:, :n].clone(), tables.sin[:, :n].clone(),
-                    tables.logn[:n].clone() if tables.logn is not None else None,
+                    example(tables.valid[:, :n]), example(tables.cos[:, :n]), example(tables.sin[:, :n]),
+                    example(tables.logn[:n]) if tables.logn is not None else None,
                     kv, [k.clone() for k in kv], weights)  # fmt: skip
             exported = torch.export.export(_Step(self.model, names).eval(), args, dynamic_shapes=shapes)
         compiled, from_store = program_store.load_or_compile(exported)

@@ -4,9 +4,10 @@
                                          [--rounds 3] [--threads 2] [--json OUT]
 
 The demo model at each precision; the prefill (``model(ids, past_key_values=cache)``, a fresh cache each
-time) is timed eagerly and through dynamo/inductor (``torch.compile(dynamic=True)`` of the decoder stack,
-what ``compile_inference(prefill=True)`` does; before 2026-12-02 its default on CPU too), alternating between the two
-for --rounds rounds per length so that drift of the machine hits both; the fastest run of each is kept.
+time) is timed eagerly (a copy of the model) and through ``compile_inference(prefill=True)``: dynamo/inductor,
+``torch.compile(dynamic=True)`` of the decoder stack (before 2026-12-02 the default on CPU too), alternating
+between the two for --rounds rounds per length so that drift of the machine hits both; the fastest run of each
+is kept.
 The first compiled call (its compilation, inductor's cache as it is) is printed too. Prints tok/s and the
 ratio compiled / eager.
 """
@@ -14,23 +15,19 @@ ratio compiled / eager.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
 import torch
 
 
-def prefill_s(model, ids: torch.Tensor, compiled) -> float:
-    saved = model._compiled
-    model._compiled = compiled
-    try:
-        with torch.inference_mode():
-            cache = model.new_cache(ids.shape[1] + 1)
-            t = time.perf_counter()
-            model(ids, past_key_values=cache, logits_to_keep=1)
-            return time.perf_counter() - t
-    finally:
-        model._compiled = saved
+def prefill_s(model, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        cache = model.new_cache(ids.shape[1] + 1)
+        t = time.perf_counter()
+        model(ids, past_key_values=cache, logits_to_keep=1)
+        return time.perf_counter() - t
 
 
 def main() -> None:
@@ -50,27 +47,25 @@ def main() -> None:
     lengths = [int(n) for n in args.lengths.split(",")]
     rows = []
     for precision in args.precisions.split(","):
-        model = load_at_precision(path, precision)
-        model.transformer.rotary.cos_sin(0, 1, [1.0], model.device)
-        model.prepare_layers()
-        compiled = {"prefill": torch.compile(model.transformer.forward, dynamic=True)}
+        compiled = load_at_precision(path, precision).compile_inference(prefill=True)
+        eager = copy.deepcopy(compiled)  # (a copy starts eager)
         ids = {n: torch.randint(0, 151643, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths}
-        prefill_s(model, ids[lengths[0]], None)
-        first = prefill_s(model, ids[lengths[0]], compiled)
+        prefill_s(eager, ids[lengths[0]])
+        first = prefill_s(compiled, ids[lengths[0]])
         for n in lengths[1:]:  # a dynamic pass may still compile once more for a new range of lengths
-            prefill_s(model, ids[n], compiled)
+            prefill_s(compiled, ids[n])
         for n in lengths:
             best = {"eager": float("inf"), "compiled": float("inf")}
             for _ in range(args.rounds):
-                best["eager"] = min(best["eager"], prefill_s(model, ids[n], None))
-                best["compiled"] = min(best["compiled"], prefill_s(model, ids[n], compiled))
+                best["eager"] = min(best["eager"], prefill_s(eager, ids[n]))
+                best["compiled"] = min(best["compiled"], prefill_s(compiled, ids[n]))
             rows.append({"precision": precision, "tokens": n, "first_compiled_call_s": first,
                          "eager_tok_s": n / best["eager"], "compiled_tok_s": n / best["compiled"]})  # fmt: skip
             print(f"{precision:>5} {n:>6} tokens: eager {n / best['eager']:8.1f} tok/s, compiled "
                   f"{n / best['compiled']:8.1f} tok/s, compiled/eager {best['eager'] / best['compiled']:.2f}",
                   flush=True)  # fmt: skip
         print(f"{precision:>5} first compiled call (compilation included): {first:.1f} s", flush=True)
-        del model, compiled
+        del eager, compiled
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "torch": torch.__version__, "rows": rows}, f, indent=1)

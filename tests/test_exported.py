@@ -88,7 +88,7 @@ def test_steps_aside_with_a_warning_where_it_cannot_be_built(monkeypatch):
     mask = torch.ones_like(ids)
     eager = _decode(m, ids, mask, 3, capacity=16)
 
-    def fail(self, cache, tables):
+    def fail(self, cache, tables, by_step_key=True):
         raise RuntimeError("no C++ compiler\nmore detail")
 
     monkeypatch.setattr(ExportedDecoder, "_export_and_compile", fail)

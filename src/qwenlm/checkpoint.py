@@ -184,7 +184,8 @@ def _assign(model: QwenForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]],
         # Packed-weight kernels need aligned memory, which a mapped file does not promise: copy those.
         keep = name in keep_dtype
         value = tensor.to(device=device, copy=True) if keep else tensor.to(device=device, dtype=dtype)
-        model.load_state_dict({name: value}, strict=False, assign=True)
+        owner, _, leaf = name.rpartition(".")  # loaded into its own module: the whole tree once per tensor was
+        model.get_submodule(owner).load_state_dict({leaf: value}, strict=False, assign=True)  # ~0.9 s of a load
         loaded.add(name)
         if on_loaded is not None:
             on_loaded(name)

@@ -267,7 +267,7 @@ class QwenForCausalLM(nn.Module):
         in every process on 2 cores (``benchmarks/prefill_compile.py``, RESULTS.md).
         New cache capacities, prompt lengths and a growing attention mask do not recompile on CPU; a new batch
         size does. The CPU decoding step takes ~40-80 s per batch size to build for the demo model and is kept
-        on disk (``generation.program_store``: ~8 s in a later process); ``qwenlm bench --compile`` shows
+        on disk (``generation.program_store``: ~1 s in a later process); ``qwenlm bench --compile`` shows
         whether the faster passes repay it. ``enabled=False``: eager again. ``ahead_of_time=False``, or where
         that step does not apply (window attention) or cannot be built, the CPU step goes through
         ``torch.compile``, skipping dynamo's guards on the modules' hooks and weights (``qwenlm.compiling``).

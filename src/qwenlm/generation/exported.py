@@ -18,9 +18,11 @@ again.
 
 One program is made per (batch size, rows of NTK alphas, LogN table or not, cache dtype). Compiling it takes
 ~40-80 s for the demo model on 2 cores (its dynamo-compiled step ~3 minutes); it is then kept on disk
-(``generation.program_store``), so a later process only exports the step again (~6 s) and loads it. Window
-attention, training and gradients use the other steps; where export or compilation fails, the decoder says
-why (a warning) and steps aside.
+(``generation.program_store``). A later process finds it by a key computed without exporting the step
+(``program_store.step_key``: ~6 s less) and, before trusting it, runs its first step beside the eager
+``static_decode`` on copies of the cache: should they differ (a key that missed something), the key is
+dropped and the step exported, as without one. Window attention, training and gradients use the other
+steps; where export or compilation fails, the decoder says why (a warning) and steps aside.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ if TYPE_CHECKING:
 
 MAX_PROGRAMS = 8  # compiled shapes kept per model (as dynamo keeps 8 entries per code object)
 EXAMPLE_CAPACITY = 16  # the capacity of the example cache traced (the smallest a KVCache allocates)
+# the model's attributes that static_decode does not read: the decoders themselves and generation settings
+NOT_IN_THE_STEP = frozenset({"_compiled", "_graphs", "_exported", "tokenizer", "generation_config"})
+# how far a program found by its step key may be from the eager step, relative to the largest logit: fused
+# float operations round differently (demo model: fp32 4e-7, int8 4e-5, int4 1.4e-4), a wrong program is off by far more
+AGREEMENT = {torch.float32: 2e-3, torch.float64: 2e-3}
+LOW_PRECISION_AGREEMENT = 5e-2
 
 
 class _Static(nn.Module):
@@ -77,6 +85,8 @@ class _Program:
     weights: list[torch.Tensor]  # those tensors
     layouts: list[tuple]  # their layouts when it was compiled (a cast changes a parameter's in place)
     from_store: bool  # loaded from disk, not compiled in this process
+    name: str  # its name in the store (``program_store.fingerprint``)
+    unchecked_key: str | None = None  # the step key it was found by, until its first step matched the eager one
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -136,6 +146,10 @@ class ExportedDecoder:
             valid[:, : pos + 1] = attention_mask.bool()
         inputs = [input_ids.long().contiguous(), torch.tensor([pos]), valid, tables.cos, tables.sin]
         inputs += [tables.logn] if tables.logn is not None else []
+        if program.unchecked_key is not None:
+            program = self._checked(key, program, inputs, cache, tables)
+            if program is None:
+                return None
         (logits,) = program.run([*inputs, *cache._k, *cache._v, *program.weights])
         cache.advance(1)
         return logits
@@ -165,9 +179,37 @@ class ExportedDecoder:
             elif any(a is not b for a, b in zip(program.weights, weights)):
                 program.weights = weights
 
-    def _compile(self, key: tuple, cache: KVCache, tables: _Tables) -> _Program | None:
+    def _checked(self, key: tuple, program: _Program, inputs: list, cache: KVCache, tables: _Tables) -> _Program | None:
+        """``program`` (found by its step key) if its step on copies of the cache gives the eager step's logits;
+        else the key is dropped and the step exported and compiled as without it."""
+        ids, pos, valid, cos, sin, *logn = inputs
+        layers = len(cache._k)
+        copies = [b.clone() for b in (*cache._k, *cache._v)]
+        want = static_decode(self.model, ids, pos, valid, cos, sin, logn[0] if logn else None, copies[:layers],
+                             copies[layers:]).float()  # fmt: skip
+        copies = [b.clone() for b in (*cache._k, *cache._v)]
         try:
-            program = self._export_and_compile(cache, tables)
+            (got,) = program.run([*inputs, *copies, *program.weights])
+            gap = (got.float() - want).abs().max().item() / max(1.0, want.abs().max().item())
+        except Exception:  # (it cannot be the program for these inputs)
+            gap = float("inf")
+        if gap <= AGREEMENT.get(self.model.dtype, LOW_PRECISION_AGREEMENT):
+            program.unchecked_key = None
+            return program
+        program_store.forget(program.unchecked_key)
+        del self._programs[key]
+        again = self._compile(key, cache, tables, by_step_key=False)
+        if again is not None and again.name == program.name:  # the key was right: only the rounding differs
+            program_store.note(program.unchecked_key, again.name, checked=True)
+        elif again is not None:
+            warnings.warn(f"qwenlm: the stored decoding program found for this model gave other logits than its "
+                          f"eager step (off by {gap:.2g} of the largest); exported the step again",
+                          stacklevel=4)  # fmt: skip
+        return again
+
+    def _compile(self, key: tuple, cache: KVCache, tables: _Tables, by_step_key: bool = True) -> _Program | None:
+        try:
+            program = self._export_and_compile(cache, tables, by_step_key)
         except Exception as e:  # export or the C++ build failed: the dynamo-compiled or eager step still works
             self.failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             warnings.warn(f"qwenlm: the ahead-of-time decoding step could not be compiled ({self.failure}); "
@@ -178,7 +220,9 @@ class ExportedDecoder:
             self._programs.pop(next(iter(self._programs)))
         return program
 
-    def _export_and_compile(self, cache: KVCache, tables: _Tables) -> _Program:
+    def _export_and_compile(self, cache: KVCache, tables: _Tables, by_step_key: bool = True) -> _Program:
+        """The program for this cache's shapes: the stored one its step key names (unchecked yet), else
+        exported, and loaded from the store or compiled (``by_step_key=False``: exported in any case)."""
         self.model.prepare_layers(again=False)  # new layers choose their kernels outside the export
         names, weights = self._model_tensors()
         capacity = torch.export.Dim("capacity", min=2)
@@ -198,6 +242,11 @@ class ExportedDecoder:
                     example(tables.valid[:, :n]), example(tables.cos[:, :n]), example(tables.sin[:, :n]),
                     example(tables.logn[:n]) if tables.logn is not None else None,
                     kv, [k.clone() for k in kv], weights)  # fmt: skip
+            step_key = program_store.step_key(self.model, args, NOT_IN_THE_STEP)
+            layouts = [_layout(w) for w in weights]
+            if by_step_key and step_key is not None and (found := program_store.load_known(step_key)) is not None:
+                unchecked = None if found.checked else step_key
+                return _Program(found.program.loader.boxed_run, names, weights, layouts, True, found.name, unchecked)
             exported = torch.export.export(_Step(self.model, names).eval(), args, dynamic_shapes=shapes)
-        compiled, from_store = program_store.load_or_compile(exported)
-        return _Program(compiled.loader.boxed_run, names, weights, [_layout(w) for w in weights], from_store)
+        stored = program_store.load_or_compile(exported, known_as=step_key)
+        return _Program(stored.program.loader.boxed_run, names, weights, layouts, stored.from_store, stored.name)

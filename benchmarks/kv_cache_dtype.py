@@ -1,12 +1,13 @@
-"""Decoding speed by context length with the key/value cache in float32 and in bfloat16, in one process.
+"""Decoding speed by context length with the key/value cache in float32, bfloat16 and float16, in one process.
 
     python benchmarks/kv_cache_dtype.py [--precision int4] [--lengths 256,1024,2048,4096] [--new 32]
-                                        [--rounds 2] [--no-compile] [--json OUT]
+                                        [--cache-dtypes fp32,bf16,fp16] [--rounds 2] [--no-compile] [--json OUT]
 
 The demo model at ``--precision`` (activations fp32), compiled (``compile_inference``) unless --no-compile.
 For each context length: a prompt of that many random tokens, then --new greedy steps, timed per step;
-the two cache dtypes alternate (fp32, bf16, fp32, bf16, ...) for --rounds rounds, so that drift of the
-machine hits both; the fastest run of each is kept. Prints ms per step, the ratio and the caches' sizes.
+the cache dtypes alternate (fp32, bf16, fp16, fp32, ...) for --rounds rounds, so that drift of the
+machine hits all; the fastest run of each is kept. Prints ms per step, the ratio to the first dtype and
+the caches' sizes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--precision", default="int4", choices=["fp32", "int8", "int4"])
     parser.add_argument("--lengths", default="256,1024,2048,4096")
     parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--cache-dtypes", default="fp32,bf16,fp16", help="compared with the first")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per length; the best is kept")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true")
@@ -48,7 +50,8 @@ def main() -> None:
     model = load_at_precision(demo_model_path(progress_bar=False), args.precision)
     if not args.no_compile:
         model.compile_inference()
-    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    known = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {name: known[name] for name in args.cache_dtypes.split(",")}
     warm = torch.randint(0, 151643, (1, 16), generator=torch.Generator().manual_seed(0))
     for dtype in dtypes.values():  # compile both programs before timing anything
         model.kv_cache_dtype = dtype
@@ -65,10 +68,17 @@ def main() -> None:
         rows.append({"context": length, **{f"{n}_ms": v[0] for n, v in best.items()},
                      **{f"{n}_cache_mb": v[1] / 2**20 for n, v in best.items()}})  # fmt: skip
     print(f"{args.precision}, {'compiled' if not args.no_compile else 'eager'}, {args.threads} threads")
-    print(f"{'context':>8} {'fp32 ms':>8} {'bf16 ms':>8} {'fp32/bf16':>10} {'fp32 MB':>8} {'bf16 MB':>8}")
+    first = next(iter(dtypes))
+    print(
+        f"{'context':>8}"
+        + "".join(f" {n + ' ms':>8}" for n in dtypes)
+        + "".join(f" {first + '/' + n:>10}" for n in list(dtypes)[1:])
+        + "".join(f" {n + ' MB':>8}" for n in dtypes)
+    )
     for r in rows:
-        print(f"{r['context']:>8} {r['fp32_ms']:8.2f} {r['bf16_ms']:8.2f} {r['fp32_ms'] / r['bf16_ms']:10.2f} "
-              f"{r['fp32_cache_mb']:8.1f} {r['bf16_cache_mb']:8.1f}")  # fmt: skip
+        print(f"{r['context']:>8}" + "".join(f" {r[n + '_ms']:8.2f}" for n in dtypes)
+              + "".join(f" {r[first + '_ms'] / r[n + '_ms']:10.2f}" for n in list(dtypes)[1:])
+              + "".join(f" {r[n + '_cache_mb']:8.1f}" for n in dtypes))  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"precision": args.precision, "compiled": not args.no_compile, "rows": rows}, f, indent=1)

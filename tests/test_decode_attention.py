@@ -73,6 +73,21 @@ def test_bf16_cache():
 
 
 @needs_kernel
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp16_cache_is_read_as_stored(head_dim):
+    # a float16 cache under float32 queries: the kernel converts each key and value as it reads it, which is the
+    # cache cast to float32 first (the casting path) up to the kernel's own rounding
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 8, 1, head_dim, generator=g)
+    k, v = (torch.randn(2, 2, 37, head_dim, generator=g).half() for _ in range(2))
+    bias = torch.zeros(2, 1, 1, 37)
+    bias[1, ..., :5] = torch.finfo(torch.float32).min  # a padded row
+    got = cpu_kernel.decode_attention(q, k, v, bias)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _sdpa(q, k.float(), v.float(), bias), atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
 def test_checks_its_arguments():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 8, 64)
     with pytest.raises(RuntimeError, match="head size must be 64 or 128"):

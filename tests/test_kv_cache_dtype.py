@@ -43,18 +43,19 @@ def test_a_bf16_cache_under_an_fp32_model_halves_the_memory_and_keeps_the_logits
 
 
 @needs_kernel
-def test_the_cpu_kernel_reads_bf16_as_the_casting_path_does(ids_and_mask):
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
+def test_the_cpu_kernel_reads_a_16_bit_cache_as_the_casting_path_does(ids_and_mask, kv_dtype):
     ids, mask = ids_and_mask
     # head size 64 and quantised linears: decoding attention through qwenlm's kernel
     config = tiny_config(hidden_size=128, num_attention_heads=2, kv_channels=64, intermediate_size=256)
     m = quantize(random_model(config, seed=10), 4)
     m.prepare_layers()
     assert all(block.attn._own_decode for block in m.transformer.h)
-    kernel, _ = _logits(m, ids, mask, 5, torch.bfloat16)
+    kernel, _ = _logits(m, ids, mask, 5, kv_dtype)
     for block in m.transformer.h:
         block.attn._own_decode = False  # through single_query_grouped, the cache cast to fp32
     try:
-        cast, _ = _logits(m, ids, mask, 5, torch.bfloat16)
+        cast, _ = _logits(m, ids, mask, 5, kv_dtype)
     finally:
         m.prepare_layers()
     # the kernel's exp is a polynomial: ~1e-4 apart with an fp32 cache too; a misread cache would be far off
@@ -63,18 +64,19 @@ def test_the_cpu_kernel_reads_bf16_as_the_casting_path_does(ids_and_mask):
 
 
 @needs_kernel
-def test_the_compiled_step_takes_a_bf16_cache(ids_and_mask):
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
+def test_the_compiled_step_takes_a_16_bit_cache(ids_and_mask, kv_dtype):
     ids, mask = ids_and_mask
     config = tiny_config(hidden_size=128, num_attention_heads=2, kv_channels=64, intermediate_size=256)
     m = quantize(random_model(config, seed=12), 4)
-    eager, _ = _logits(m, ids, mask, 5, torch.bfloat16)
+    eager, _ = _logits(m, ids, mask, 5, kv_dtype)
     m.compile_inference()
     try:
-        compiled, cache = _logits(m, ids, mask, 5, torch.bfloat16)
-        assert m._exported.failure is None and list(m._exported._programs) == [(2, 1, False, torch.bfloat16)]
+        compiled, cache = _logits(m, ids, mask, 5, kv_dtype)
+        assert m._exported.failure is None and list(m._exported._programs) == [(2, 1, False, kv_dtype)]
     finally:
         m.compile_inference(False)
-    assert cache._k[0].dtype == torch.bfloat16
+    assert cache._k[0].dtype == kv_dtype
     assert relative_error(compiled, eager) < 1e-3
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
 

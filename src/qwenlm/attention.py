@@ -130,9 +130,9 @@ class Attention(nn.Module):
                 and x.device.type == "cpu"
                 and dropout == 0.0
                 and not q.requires_grad  # the kernel has no backward
-                and k.dtype in (torch.float32, torch.bfloat16)
+                and k.dtype in cpu_kernel.ATTENTION_DTYPES
             )
-            if own_kernel:  # (it reads a bf16 cache as it is)
+            if own_kernel:  # (it reads a bf16 or fp16 cache as it is)
                 y = cpu_kernel.decode_attention(q, k, v, bias)
             else:
                 k, v = k.to(q.dtype), v.to(q.dtype)  # a cache of another dtype (e.g. bf16 under fp32)

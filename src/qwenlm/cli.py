@@ -24,9 +24,10 @@ def _resolve_model_path(arg: str | None) -> Path:
 
 def _add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", choices=["bfloat16", "float16", "float32"],
-                   help="what the key/value cache stores: bfloat16 halves its memory and what decoding reads per "
-                        "cached token (qwenlm's CPU kernel reads it as it is; the logits move by bf16 rounding), "
-                        "float16 (on CPUs cast at each step: slower), float32; default: the model's dtype")  # fmt: skip
+                   help="what the key/value cache stores: bfloat16 or float16 halve its memory and what decoding "
+                        "reads per cached token (qwenlm's CPU kernel reads them as they are; the logits move by the "
+                        "rounding: float16 keeps 3 more bits, bfloat16 the range), float32; default: the model's "
+                        "dtype")  # fmt: skip
 
 
 def _kv_dtype(args: argparse.Namespace) -> Any:

@@ -74,7 +74,7 @@ def static_decode(
             values[i].index_copy_(2, pos, v.to(values[i].dtype))
             if q_scale is not None:
                 q = q * q_scale.to(q.dtype)
-            if attn._own_decode and h.device.type == "cpu" and keys[i].dtype in (torch.float32, torch.bfloat16):
+            if attn._own_decode and h.device.type == "cpu" and keys[i].dtype in cpu_kernel.ATTENTION_DTYPES:
                 y = cpu_kernel.decode_attention(q, keys[i], values[i], bias, length)
             else:
                 k, v = keys[i].to(q.dtype), values[i].to(q.dtype)  # (a cache of another dtype: cast)

@@ -176,13 +176,17 @@ def high_bits_layout(bits: torch.Tensor) -> torch.Tensor:
     return pack_bits(planes).reshape(n, steps * 16).contiguous()
 
 
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the caches decode_attention reads as they are
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
                      length: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Attention of one new token per row: ``q`` (B, H, 1, D), ``k``/``v`` (B, KVH, L, D) float32 or bfloat16
-    with contiguous rows (KV-cache views), H a multiple of KVH (grouped queries), D 64 or 128; ``bias``
-    (B or 1, 1, 1, L) added to the scores. ``length``: one int64 n (1 <= n <= L) in a tensor: only the first n
-    keys are attended (a preallocated cache's filled part, read from the tensor when the kernel runs, so a
-    compiled step need not know it). Scale 1/sqrt(D), as SDPA's default; (B, H, 1, D) in q's dtype."""
+    """Attention of one new token per row: ``q`` (B, H, 1, D), ``k``/``v`` (B, KVH, L, D) of one of
+    ``ATTENTION_DTYPES`` (a float16 or bfloat16 cache is read as it is, not cast per step) with contiguous rows
+    (KV-cache views), H a multiple of KVH (grouped queries), D 64 or 128; ``bias`` (B or 1, 1, 1, L) added to
+    the scores. ``length``: one int64 n (1 <= n <= L) in a tensor: only the first n keys are attended (a
+    preallocated cache's filled part, read from the tensor when the kernel runs, so a compiled step need not
+    know it). Scale 1/sqrt(D), as SDPA's default; (B, H, 1, D) in q's dtype."""
     if length is None:
         return torch.ops.qwenlm_cpu.decode_attention(q, k, v, bias)
     return torch.ops.qwenlm_cpu.decode_attention_upto(q, k, v, bias, length)

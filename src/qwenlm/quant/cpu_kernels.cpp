@@ -560,6 +560,8 @@ template <typename T>
 inline __m512 load16(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   } else {  // bf16: the upper half of an fp32
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -699,8 +701,9 @@ at::Tensor attention_of_one(const at::Tensor& q, const at::Tensor& k, const at::
                   q.size(1) % k.size(1) == 0 && k.size(2) > 0,
               "decode_attention: k and v of one shape (B, KVH, L, D), H a multiple of KVH, L >= 1");
   TORCH_CHECK(k.size(3) == 64 || k.size(3) == 128, "decode_attention: head size must be 64 or 128");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
-              "decode_attention: k and v both float32 or both bfloat16");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kHalf),
+              "decode_attention: k and v both float32, both bfloat16 or both float16");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v rows must be contiguous");
   int64_t len = k.size(2);  // the keys attended: all, or the first `length` (a static cache's filled part)
   if (length_in.has_value()) {
@@ -724,6 +727,8 @@ at::Tensor attention_of_one(const at::Tensor& q, const at::Tensor& k, const at::
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   if (k.scalar_type() == at::kFloat) {
     attend_sized<float>(qf, k, v, bp, bias_batch, len, scale, out);
+  } else if (k.scalar_type() == at::kHalf) {
+    attend_sized<at::Half>(qf, k, v, bp, bias_batch, len, scale, out);
   } else {
     attend_sized<uint16_t>(qf, k, v, bp, bias_batch, len, scale, out);
   }

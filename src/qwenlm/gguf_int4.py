@@ -25,8 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .gguf_dequant import BLOCKS, f16_at, fifth_bits, k_scales, nibbles
-from .quant.linear import pack_high, pack_int4, unpack_high
+from .gguf_dequant import BLOCKS, f16_at, k_scales, nibbles
+from .quant.linear import pack_int4, unpack_high
 
 INT5_TYPES = ("Q5_0", "Q5_1")
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K") + INT5_TYPES  # the types read as grids (5-bit ones with their fifth bit)
@@ -63,12 +63,14 @@ def _q4_0_or_1(b: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Ten
     return codes, d, zero
 
 
-def _q5_0_or_1(b: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _q5_0_or_1(b: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The low four bits of the codes, scale, zero, and the fifth bits as ``pack_high`` lays them out: the
+    block's ``qh`` bytes as they are (bit j of byte i is weight 8i + j in both)."""
     d = f16_at(b, 0)[:, 0]
     start = 4 if with_min else 2
-    codes = nibbles(b[:, start + 4 : start + 20], 16).reshape(-1, 32) | (fifth_bits(b, start) << 4)
+    codes = nibbles(b[:, start + 4 : start + 20], 16).reshape(-1, 32)
     zero = f16_at(b, 2)[:, 0] + 16 * d if with_min else torch.zeros_like(d)
-    return codes, d, zero
+    return codes, d, zero, b[:, start : start + 4]
 
 
 def _q4_k(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,20 +90,17 @@ def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4G
     out_f, in_f = shape
     block_bytes = BLOCKS[type_name][1]
     blocks = torch.from_numpy(np.array(data, dtype=np.uint8).reshape(-1, block_bytes))  # a copy: maps are read-only
+    high = None
     if type_name == "Q4_K":
         codes, scale, zero = _q4_k(blocks)
     elif type_name in INT5_TYPES:
-        codes, scale, zero = _q5_0_or_1(blocks, with_min=type_name == "Q5_1")
+        codes, scale, zero, high = _q5_0_or_1(blocks, with_min=type_name == "Q5_1")
+        high = high.reshape(out_f, in_f // 8)
     else:
         codes, scale, zero = _q4_0_or_1(blocks, with_min=type_name == "Q4_1")
     groups = in_f // 32
-    codes = codes.reshape(out_f, in_f)
-    return Int4Grid(
-        pack_int4(codes & 0x0F),
-        scale.reshape(out_f, groups),
-        zero.reshape(out_f, groups),
-        pack_high(codes) if type_name in INT5_TYPES else None,
-    )
+    return Int4Grid(pack_int4(codes.reshape(out_f, in_f)), scale.reshape(out_f, groups), zero.reshape(out_f, groups),
+                    high)  # fmt: skip
 
 
 def dequantize_grid(grid: Int4Grid) -> torch.Tensor:

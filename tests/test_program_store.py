@@ -194,6 +194,12 @@ def test_the_step_key_follows_the_modules_and_input_layouts_but_not_values():
     hooked = random_model(tiny_config())
     hooked.transformer.ln_f.register_forward_hook(lambda *args: None)
     assert _step_key(hooked) is None  # a hook's effect cannot be named: always exported
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert _step_key(model) is None  # nor that of a hook on every module
+    finally:
+        handle.remove()
+    assert _step_key(model) == key
 
 
 def test_only_the_most_recently_used_files_are_kept(tmp_path):

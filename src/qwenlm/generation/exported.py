@@ -48,7 +48,8 @@ EXAMPLE_CAPACITY = 16  # the capacity of the example cache traced (the smallest 
 # the model's attributes that static_decode does not read: the decoders themselves and generation settings
 NOT_IN_THE_STEP = frozenset({"_compiled", "_graphs", "_exported", "tokenizer", "generation_config"})
 # how far a program found by its step key may be from the eager step, relative to the largest logit: fused
-# float operations round differently (demo model: fp32 4e-7, int8 4e-5, int4 1.4e-4), a wrong program is off by far more
+# float operations round differently (demo model: fp32 4e-7, int8 4e-5, int4 1.4e-4, bf16 0.009-0.016); a
+# wrong program is off by far more
 AGREEMENT = {torch.float32: 2e-3, torch.float64: 2e-3}
 LOW_PRECISION_AGREEMENT = 5e-2
 

@@ -54,7 +54,12 @@ def fingerprint(exported: torch.export.ExportedProgram) -> str:
 def step_key(module: nn.Module, example: Any, skip: frozenset[str] = frozenset()) -> str | None:
     """A hash of what exporting ``module`` on inputs laid out as ``example`` follows from, computed without
     exporting it (see the module doc); ``skip``: attributes that the exported code does not read (e.g. the
-    decoders kept on the model). None where a module has hooks, whose effect a key cannot name."""
+    decoders kept on the model). None where a module has hooks (or hooks are registered for all modules),
+    whose effect a key cannot name."""
+    from torch.nn.modules import module as module_hooks
+
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return None
     modules = []
     for name, m in module.named_modules(remove_duplicate=False):
         attributes = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS and k not in skip}

@@ -181,16 +181,15 @@ class ExportedDecoder:
                 program.weights = weights
 
     def _checked(self, key: tuple, program: _Program, inputs: list, cache: KVCache, tables: _Tables) -> _Program | None:
-        """``program`` (found by its step key) if its step on copies of the cache gives the eager step's logits;
-        else the key is dropped and the step exported and compiled as without it."""
+        """``program`` (found by its step key) if its step gives the eager step's logits (on a copy of the
+        cache); else the key is dropped and the step exported and compiled as without it."""
         ids, pos, valid, cos, sin, *logn = inputs
         layers = len(cache._k)
         copies = [b.clone() for b in (*cache._k, *cache._v)]
         want = static_decode(self.model, ids, pos, valid, cos, sin, logn[0] if logn else None, copies[:layers],
                              copies[layers:]).float()  # fmt: skip
-        copies = [b.clone() for b in (*cache._k, *cache._v)]
-        try:
-            (got,) = program.run([*inputs, *copies, *program.weights])
+        try:  # on the cache itself: it writes only the new token's slot, which the step taken next writes again
+            (got,) = program.run([*inputs, *cache._k, *cache._v, *program.weights])
             gap = (got.float() - want).abs().max().item() / max(1.0, want.abs().max().item())
         except Exception:  # (it cannot be the program for these inputs)
             gap = float("inf")

@@ -99,21 +99,24 @@ def _state(value: Any, depth: int = 0) -> str:
 
 @functools.cache
 def _sources() -> str:
-    """A hash of qwenlm's own source: the Python that builds the exported graph and the C++ kernels it calls."""
+    """A hash of qwenlm's Python source, which builds the exported graph."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")) + [cpu_kernel.SOURCE]:
-        if path.is_file():
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()  # (the C++ kernels it calls are hashed in _environment)
+
+
+@functools.cache
+def _kernels() -> str:
+    return hashlib.sha256(cpu_kernel.SOURCE.read_bytes()).hexdigest() if cpu_kernel.SOURCE.is_file() else ""
 
 
 def _environment() -> list[str]:
     from torch._inductor import config
 
     settings = sorted((k, v) for k, v in config.save_config_portable().items() if _plain(v))
-    kernels = hashlib.sha256(cpu_kernel.SOURCE.read_bytes()).hexdigest() if cpu_kernel.SOURCE.is_file() else ""
-    return [torch.__version__, _cpu(), kernels, repr(settings)]
+    return [torch.__version__, _cpu(), _kernels(), repr(settings)]
 
 
 @functools.cache

@@ -14,8 +14,7 @@ from torch import nn
 
 from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, cpu_kernel
 from qwenlm.quant.linear import unpack_high
-
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"int4/int8 CPU kernels: {cpu_kernel.status()}")
+from tests.kernels import needs_kernel, needs_ops
 
 
 def _layer(k: int, n: int, seed: int = 0) -> Int4Linear:
@@ -70,7 +69,7 @@ def test_5bit_exact_when_activations_are_int8_blocks(k, n, rows):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-3)
 
 
-@needs_kernel
+@needs_ops("int8_matmul")
 def test_5bit_layer_uses_the_kernel_for_decoding_and_prompts(monkeypatch):
     layer = _int5_layer(896, 160)
     layer.prepare()
@@ -96,10 +95,23 @@ def test_close_to_the_dequantised_product_and_used_by_int4linear():
     assert layer._path == "own"
     ref = x.reshape(2, 896) @ layer.dequantize(torch.float32).t()
     assert ((y.reshape(2, -1) - ref).norm() / ref.norm()).item() < 2e-3  # ~15-bit activations: ~bf16 rounding
-    # from OWN_KERNEL_ROWS rows on PyTorch's kernel takes over; both agree
+    # from cpu_kernel.gemv_rows() rows on (5 for the AVX-512 build) PyTorch's kernel takes over; both agree
     x8 = torch.randn(8, 896)
     own = cpu_kernel.int4_gemv(x8, layer.qweight, layer._scales_nk)
     torch.testing.assert_close(layer(x8), own, atol=0.05, rtol=0.02)
+    assert (layer._packed is None) == (cpu_kernel.gemv_rows() == 16)  # (the AVX2 build: no PyTorch layout kept)
+
+
+@needs_kernel
+def test_every_decoding_batch_goes_through_the_kernel_where_the_build_says_so(monkeypatch):
+    layer = _layer(896, 160)
+    layer.prepare()
+    calls = []
+    kernel = cpu_kernel.int4_gemv
+    monkeypatch.setattr(cpu_kernel, "int4_gemv", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    for rows in (1, 4, 5, 8, 15, 16):
+        layer(torch.randn(rows, 896))
+    assert calls == [r for r in (1, 4, 5, 8, 15) if r < cpu_kernel.gemv_rows()]
 
 
 @needs_kernel
@@ -124,7 +136,11 @@ def test_int8_close_to_the_dequantised_product_and_used_by_int8linear(monkeypatc
     assert layer._own and calls == [(2, 896)]
     ref = x.reshape(2, 896) @ layer.dequantize(torch.float32).t() + layer.bias
     assert ((y.reshape(2, -1) - ref).norm() / ref.norm()).item() < 1e-4  # ~15-bit activations, exact int8 sums
-    # from OWN_KERNEL_ROWS rows on, the int8 matrix product (the same two-part rounding, per row); both agree
+    if not cpu_kernel.provides("int8_matmul"):  # (the AVX2 build) the kernel takes every decoding batch
+        layer(torch.randn(15, 896))
+        assert calls == [(2, 896), (15, 896)]
+        return
+    # from cpu_kernel.gemv_rows() rows on, the int8 matrix product (the same two-part rounding, per row); both agree
     x8 = torch.randn(8, 896)
     own = kernel(x8, layer.weight, layer.scales) + layer.bias
     product = cpu_kernel.int8_matmul
@@ -144,7 +160,7 @@ def _two_part_rows(rows: int, k: int, seed: int = 3) -> tuple[torch.Tensor, torc
     return ((a + b / 256) / 8).float(), a, b
 
 
-@needs_kernel
+@needs_ops("int8_matmul")
 @pytest.mark.parametrize("k,n,rows", [(32, 5, 16), (33, 7, 20), (896, 160, 17), (4864, 24, 3)])
 def test_int8_matmul_exact_when_activations_are_two_int8_parts(k, n, rows):
     """Activation rows already of the form d (xq + xr / 256) pass the splitting unchanged; the int8 product
@@ -157,7 +173,7 @@ def test_int8_matmul_exact_when_activations_are_two_int8_parts(k, n, rows):
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-@needs_kernel
+@needs_ops("int8_matmul")
 @pytest.mark.parametrize("k", [64, 896, 4864])
 def test_int8_matmul_error_is_within_the_rounding_of_the_two_parts(k):
     """Any activations: each one is off by at most d / 512 (d = the row's max / 127), so each output by at
@@ -176,7 +192,7 @@ def test_int8_matmul_error_is_within_the_rounding_of_the_two_parts(k):
     assert torch.equal(got[3], torch.zeros(48, dtype=torch.float64))
 
 
-@needs_kernel
+@needs_ops("int8_matmul")
 def test_int8_matmul_rows_are_independent_across_its_blocks():
     """Rows go through the int8 product 256 at a time; each row's result is the same whatever it shares a
     block with, and a NaN or an infinity makes only its own row NaN (as in a float product)."""
@@ -194,7 +210,7 @@ def test_int8_matmul_rows_are_independent_across_its_blocks():
     assert torch.equal(bad[keep], at_once[keep])
 
 
-@needs_kernel
+@needs_ops("int4_to_int8")
 def test_5bit_kernels_check_the_fifth_bits():
     layer = _int5_layer(192, 8)
     sz = layer.scales_and_zeros.transpose(0, 1).contiguous()
@@ -204,7 +220,7 @@ def test_5bit_kernels_check_the_fifth_bits():
         cpu_kernel.int4_to_int8(layer.qweight, sz, torch.zeros(8, 16, dtype=torch.int8))
 
 
-@needs_kernel
+@needs_ops("int8_matmul")
 def test_int8_matmul_checks_its_arguments():
     w = _int8_layer(64, 8).weight
     with pytest.raises(RuntimeError, match="float32"):
@@ -215,7 +231,7 @@ def test_int8_matmul_checks_its_arguments():
         cpu_kernel.int8_matmul(torch.randn(20, 32), w, torch.ones(8))
 
 
-@needs_kernel
+@needs_ops("int4_to_int8")
 @pytest.mark.parametrize("k,n,make", [(32, 3, _layer), (896, 160, _layer), (64, 5, _int5_layer),
                                       (896, 160, _int5_layer)])  # fmt: skip
 def test_int4_weights_as_int8_rows(k, n, make):
@@ -232,7 +248,7 @@ def test_int4_weights_as_int8_rows(k, n, make):
     assert w8.abs().amax(dim=1).eq(127).all()
 
 
-@needs_kernel
+@needs_ops("int8_matmul", "int4_to_int8")
 @pytest.mark.parametrize("make,tol", [(_int8_layer, 1e-4), (_layer, 1e-2)])
 def test_prompts_go_through_the_int8_product(make, tol, monkeypatch):
     """Prompt-sized inputs (PREFILL_ROWS rows or more) take the int8 matrix product: close to the
@@ -334,7 +350,7 @@ def test_argmax_never_builds_the_kernels():
     assert out.stdout.strip() == "[]" and out.stderr == ""
 
 
-@needs_kernel
+@needs_ops("fit_groups")
 @pytest.mark.parametrize("bits", [4, 5])
 def test_the_fitting_kernel_rounds_as_the_pytorch_code(bits):
     # the same search with the same float arithmetic; only the order of the sums differs, so a near tie between

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from qwenlm.quant import cpu_kernel, quantize
 from tests.builders import random_model, tiny_config
+from tests.kernels import needs_ops
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernels: {cpu_kernel.status()}")
+needs_attention = needs_ops("decode_attention")  # not in every build of the kernels
 
 
 def _sdpa(q, k, v, bias):
@@ -20,7 +21,7 @@ def _sdpa(q, k, v, bias):
     return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=None if bias is None else bias.float())
 
 
-@needs_kernel
+@needs_attention
 @pytest.mark.parametrize("batch,heads,kv_heads,length,dim", [(1, 14, 2, 544, 64), (1, 14, 2, 1, 64),
                                                               (2, 4, 2, 17, 128), (3, 8, 8, 100, 128),
                                                               (1, 7, 1, 33, 64)])  # fmt: skip
@@ -41,7 +42,7 @@ def test_equal_to_sdpa_on_cache_views(batch, heads, kv_heads, length, dim, maske
     torch.testing.assert_close(got, _sdpa(q, k, v, bias), atol=2e-6, rtol=1e-5)
 
 
-@needs_kernel
+@needs_attention
 @pytest.mark.parametrize("masked", [False, True])
 def test_a_length_attends_the_first_keys_of_a_whole_buffer(masked):
     # a static cache's buffers go in whole, with the filled length in a tensor (the exported decoding step)
@@ -62,7 +63,7 @@ def test_a_length_attends_the_first_keys_of_a_whole_buffer(masked):
         cpu_kernel.decode_attention(q, k, v, bias, torch.tensor([3.0]))
 
 
-@needs_kernel
+@needs_attention
 def test_bf16_cache():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 1, 64, generator=g).bfloat16()
@@ -72,7 +73,7 @@ def test_bf16_cache():
     torch.testing.assert_close(got.float(), _sdpa(q, k, v, None), atol=1e-2, rtol=1e-2)  # bf16 output rounding
 
 
-@needs_kernel
+@needs_attention
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_fp16_cache_is_read_as_stored(head_dim):
     # a float16 cache under float32 queries: the kernel converts each key and value as it reads it, which is the
@@ -87,7 +88,7 @@ def test_fp16_cache_is_read_as_stored(head_dim):
     torch.testing.assert_close(got, _sdpa(q, k.float(), v.float(), bias), atol=2e-5, rtol=1e-4)
 
 
-@needs_kernel
+@needs_attention
 def test_checks_its_arguments():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 8, 64)
     with pytest.raises(RuntimeError, match="head size must be 64 or 128"):
@@ -116,7 +117,7 @@ def _greedy_logits(model, ids, mask, steps=5):
     return torch.stack(out)
 
 
-@needs_kernel
+@needs_attention
 @pytest.mark.parametrize("kv_heads", [None, 1])
 def test_model_decodes_through_it_with_sdpas_logits(kv_heads, monkeypatch):
     """A quantised model with 64-wide heads (plain and grouped): one-token steps take the kernel, and greedy
@@ -151,7 +152,7 @@ def test_float_models_keep_sdpa(monkeypatch):
     assert model.transformer.h[0].attn._own_decode is False
 
 
-@needs_kernel
+@needs_attention
 def test_not_used_when_gradients_are_needed():
     model = quantize(random_model(tiny_config(hidden_size=128, num_attention_heads=2, kv_channels=64)), 8).train()
     model.config.attn_dropout_prob = 0.0
@@ -162,7 +163,7 @@ def test_not_used_when_gradients_are_needed():
     assert model.transformer.wte.weight.grad is not None and model.transformer.wte.weight.grad.abs().sum() > 0
 
 
-@needs_kernel
+@needs_attention
 def test_compiles_with_a_growing_cache():
     compiled = torch.compile(cpu_kernel.decode_attention, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(2)

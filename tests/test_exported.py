@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenlm.quant import cpu_kernel, quantize
+from qwenlm.quant import quantize
 from tests.builders import greedy_decode, random_model, relative_error, tiny_config
-
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernels: {cpu_kernel.status()}")
+from tests.kernels import needs_kernel
 
 
 def _decode(model, ids, mask, steps, capacity):

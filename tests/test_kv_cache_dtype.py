@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from qwenlm.cache import KVCache
-from qwenlm.quant import cpu_kernel, quantize
+from qwenlm.quant import quantize
 from tests.builders import greedy_decode, random_model, relative_error, tiny_config
+from tests.kernels import needs_ops
 
-needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"CPU kernels: {cpu_kernel.status()}")
+needs_attention = needs_ops("decode_attention")  # not in every build of the kernels
 
 
 def _logits(model, ids, mask, steps, kv_dtype):
@@ -42,7 +43,7 @@ def test_a_bf16_cache_under_an_fp32_model_halves_the_memory_and_keeps_the_logits
     assert 0 < relative_error(half, full) < 1e-2  # rounded keys and values, attended in fp32
 
 
-@needs_kernel
+@needs_attention
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
 def test_the_cpu_kernel_reads_a_16_bit_cache_as_the_casting_path_does(ids_and_mask, kv_dtype):
     ids, mask = ids_and_mask
@@ -63,7 +64,7 @@ def test_the_cpu_kernel_reads_a_16_bit_cache_as_the_casting_path_does(ids_and_ma
     assert torch.equal(kernel.argmax(-1), cast.argmax(-1))
 
 
-@needs_kernel
+@needs_attention
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
 def test_the_compiled_step_takes_a_16_bit_cache(ids_and_mask, kv_dtype):
     ids, mask = ids_and_mask

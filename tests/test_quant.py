@@ -15,6 +15,7 @@ from qwenlm.quant import linear as linear_module
 from qwenlm.quant.linear import fit_int4_groups
 from qwenlm.quant.saving import quantize_checkpoint
 from tests.builders import tiny_checkpoint
+from tests.kernels import needs_ops
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
@@ -77,8 +78,9 @@ def fit_path(request):
     """Each fitting test through qwenlm's CPU kernel (where it builds) and through the PyTorch code."""
     from qwenlm.quant import cpu_kernel
 
-    if request.param == "kernel" and not cpu_kernel.available():
-        pytest.skip(f"int4/int8 CPU kernels: {cpu_kernel.status()}")
+    marker = needs_ops("fit_groups")
+    if request.param == "kernel" and marker.args[0]:
+        pytest.skip(marker.kwargs["reason"])
     cpu_kernel.set_enabled(request.param == "kernel")
     yield request.param
     cpu_kernel.set_enabled(True)

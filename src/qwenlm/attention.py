@@ -92,7 +92,7 @@ class Attention(nn.Module):
         for head sizes 64 and 128 in quantised models, whose layers load qwenlm's kernels anyway (a float
         model does not build them for its attention alone, and keeps PyTorch's SDPA)."""
         quantised = callable(getattr(self.c_attn, "prepare", None))
-        self._own_decode = quantised and self.head_dim in (64, 128) and cpu_kernel.available()
+        self._own_decode = quantised and self.head_dim in (64, 128) and cpu_kernel.provides("decode_attention")
 
     def _apply(self, fn, recurse=True):  # moved or cast: choose again
         self._own_decode = None

@@ -109,7 +109,10 @@ def _sources() -> str:
 
 @functools.cache
 def _kernels() -> str:
-    return hashlib.sha256(cpu_kernel.SOURCE.read_bytes()).hexdigest() if cpu_kernel.SOURCE.is_file() else ""
+    digest = hashlib.sha256()
+    for path in cpu_kernel.SOURCES:
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
 
 
 def _environment() -> list[str]:

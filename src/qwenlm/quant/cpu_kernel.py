@@ -1,4 +1,5 @@
-"""qwenlm's own int4 and int8 decoding kernels for x86 CPUs with AVX-512 VNNI (``cpu_kernels.cpp``).
+"""qwenlm's own int4 and int8 decoding kernels for x86 CPUs (``cpu_kernels.cpp`` for AVX-512 VNNI,
+``cpu_kernels_avx2.cpp`` for AVX2).
 
 PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrices of a small model at batch
 1, its ``_weight_int8pack_mm`` ~7 GB/s; these kernels read the weights in ``Int4Linear``'s and
@@ -9,25 +10,62 @@ benchmarks/RESULTS.md). For prompt-sized products it splits activation rows the 
 matrix product (``int8_matmul``; int4 weights go in as int8 rows, ``int4_to_int8``). And the attention of one
 new token against the KV cache (``decode_attention``), which PyTorch's CPU SDPA does 3-4x slower at these sizes,
 and the rounding of fp32 weights to 4-bit codes while loading (``fit_groups``).
+
+On CPUs with AVX2 and FMA but not AVX-512 VNNI (e.g. AMD Zen 2/3, Intel before Ice Lake), a second build
+provides the decoding products, the argmax and the fitting only (``int4_gemv``, ``int8_gemv``,
+``argmax_rows``, ``fit_groups``: the same layouts, the activations rounded to the same ~15 bits but as int16);
+``provides(op)`` says which operations the loaded build has, and the callers take PyTorch's path for the
+others.
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
 seconds; cached afterwards) and needs ``ninja`` (``pip install ninja``, in the ``demo`` and ``cpu-kernel``
-extras). Without AVX-512 VNNI, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` and
+extras). Without AVX2, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` and
 ``Int8Linear`` use PyTorch's kernels; ``status()`` says which and why.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-NAME = "qwenlm_cpu_kernels"
-FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-ffp-contract=off"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+HERE = Path(__file__).parent
+COMMON = HERE / "cpu_kernels_common.h"  # what both builds include
+
+
+@dataclass(frozen=True)
+class Build:
+    """One build of the kernels: its source, the CPU flags it needs, the compiler flags, its operations, and
+    below how many activation rows its decoding products beat the matrix products (measured per build)."""
+
+    name: str
+    source: Path
+    cpu_flags: tuple[str, ...]
+    cflags: tuple[str, ...]
+    ops: frozenset[str]
+    gemv_rows: int
+
+
+AVX512 = Build("qwenlm_cpu_kernels", HERE / "cpu_kernels.cpp",
+               ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
+               ("-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-ffp-contract=off"),
+               frozenset({"int4_gemv", "int8_gemv", "int8_matmul", "int4_to_int8", "decode_attention",
+                          "decode_attention_upto", "argmax_rows", "fit_groups"}),
+               # at 4 rows int8_gemv was 1.5x the int8 matrix product and int4_gemv even with PyTorch's kernel
+               # (benchmarks/RESULTS.md): batches of 5 or more go to those
+               5)  # fmt: skip
+AVX2 = Build("qwenlm_cpu_kernels_avx2", HERE / "cpu_kernels_avx2.cpp", ("avx2", "fma", "f16c"),
+             ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"),
+             frozenset({"int4_gemv", "int8_gemv", "argmax_rows", "fit_groups"}),
+             # at 8 rows int4_gemv was 1.4x PyTorch's int4 kernel (benchmarks/RESULTS.md); it takes every
+             # decoding batch (below linear.PREFILL_ROWS)
+             16)  # fmt: skip
+BUILDS = (AVX512, AVX2)  # the first whose CPU flags this CPU has
+SOURCES = (COMMON, AVX512.source, AVX2.source)  # (what a compiled decoding step's key hashes)
 
 SWITCHED_OFF = "switched off by QWENLM_CPU_KERNEL=0"
 
@@ -47,66 +85,77 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def chosen_build() -> Build | None:
+    """The build of the kernels this CPU runs (by its /proc/cpuinfo flags), or None."""
+    return next((b for b in BUILDS if all(f in cpu_flags() for f in b.cpu_flags)), None)
+
+
 def _build() -> str | None:
     """Compile and load the kernel; None on success, else the reason it is not used."""
     if os.environ.get("QWENLM_CPU_KERNEL", "1") == "0":
         return SWITCHED_OFF
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
+    build = chosen_build()
+    if build is None:
+        return f"this CPU lacks {', '.join(f for f in AVX2.cpu_flags if f not in cpu_flags())} (AVX2 and FMA)"
     try:
         import ninja  # noqa: F401  (torch.utils.cpp_extension builds with it)
     except ImportError:
         return "ninja is not installed (pip install ninja)"
     from torch.utils import cpp_extension
 
+    # the shared header's hash among the flags: torch rebuilds when a source or a flag changes
+    common = hashlib.sha256(COMMON.read_bytes()).hexdigest()[:16]
     try:
-        built = Path(cpp_extension._get_build_directory(NAME, False)) / f"{NAME}.so"
+        built = Path(cpp_extension._get_build_directory(build.name, False)) / f"{build.name}.so"
         if not built.exists():
             print("qwenlm: compiling the int4/int8 CPU kernels (once, a few seconds)", file=sys.stderr)
-        cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False,
-                           verbose=False)  # fmt: skip
+        cpp_extension.load(name=build.name, sources=[str(build.source)], is_python_module=False, verbose=False,
+                           extra_cflags=[*build.cflags, f"-DQWENLM_COMMON_HEADER={common}"])  # fmt: skip
     except Exception as e:  # no compiler, headers, ...: the PyTorch kernel still works
-        return f"building {SOURCE.name} failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
-
-    @torch.library.register_fake("qwenlm_cpu::int4_gemv")
-    def _(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, high: torch.Tensor | None = None
-          ) -> torch.Tensor:  # fmt: skip
-        return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
-
-    @torch.library.register_fake("qwenlm_cpu::int8_gemv")
-    def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-
-    @torch.library.register_fake("qwenlm_cpu::int8_matmul")
-    def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-
-    @torch.library.register_fake("qwenlm_cpu::decode_attention")
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("qwenlm_cpu::decode_attention_upto")
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, length: torch.Tensor
-          ) -> torch.Tensor:  # fmt: skip
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("qwenlm_cpu::argmax_rows")
-    def _(x: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(x.shape[0], dtype=torch.int64)
-
-    @torch.library.register_fake("qwenlm_cpu::fit_groups")
-    def _(w: torch.Tensor, bits: int, steps: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n, k = w.shape
-        return w.new_empty(n, k, dtype=torch.uint8), w.new_empty(n, k // 32), w.new_empty(n, k // 32)
-
-    @torch.library.register_fake("qwenlm_cpu::int4_to_int8")
-    def _(packed: torch.Tensor, scales_zeros: torch.Tensor, high: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        n, half_k = packed.shape
-        return packed.new_empty(n, 2 * half_k, dtype=torch.int8), packed.new_empty(n, dtype=torch.float32)
-
+        return f"building {build.source.name} failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+    _state["build"] = build
+    _register_fakes(build.ops)
     return None
+
+
+def _products(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N) fp32
+
+
+def _attention(q: torch.Tensor, *_: object) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], dtype=torch.int64)
+
+
+def _fit(w: torch.Tensor, bits: int, steps: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    return w.new_empty(n, k, dtype=torch.uint8), w.new_empty(n, k // 32), w.new_empty(n, k // 32)
+
+
+def _to_int8(packed: torch.Tensor, *_: object) -> tuple[torch.Tensor, torch.Tensor]:
+    n, half_k = packed.shape
+    return packed.new_empty(n, 2 * half_k, dtype=torch.int8), packed.new_empty(n, dtype=torch.float32)
+
+
+# each operation's output shapes without running it, for torch.compile and torch.export
+_FAKES = {
+    "int4_gemv": _products,
+    "int8_gemv": _products,
+    "int8_matmul": _products,
+    "decode_attention": _attention,
+    "decode_attention_upto": _attention,
+    "argmax_rows": _argmax,
+    "fit_groups": _fit,
+    "int4_to_int8": _to_int8,
+}
+
+
+def _register_fakes(ops: frozenset[str]) -> None:
+    for op in sorted(ops):
+        torch.library.register_fake(f"qwenlm_cpu::{op}")(_FAKES[op])
 
 
 def status() -> str:
@@ -119,7 +168,23 @@ def status() -> str:
 
 
 def available() -> bool:
+    """Whether the decoding products (``int4_gemv``, ``int8_gemv``) run here: a build for this CPU loaded."""
     return _state.get("enabled", True) and status() == "available"
+
+
+def provides(op: str) -> bool:
+    """Whether the loaded build has the operation ``op`` (the AVX2 build has only the decoding ones)."""
+    return available() and op in _state["build"].ops  # type: ignore[union-attr]
+
+
+def gemv_rows() -> int:
+    """Batches of fewer rows than this go through ``int4_gemv`` / ``int8_gemv`` (0 where no build is loaded)."""
+    return _state["build"].gemv_rows if available() else 0  # type: ignore[union-attr]
+
+
+def isa() -> str | None:
+    """Which build runs: "avx512" or "avx2" (None where none is loaded)."""
+    return ("avx512" if _state["build"] is AVX512 else "avx2") if available() else None
 
 
 def set_enabled(enabled: bool) -> None:
@@ -165,14 +230,18 @@ def fit_groups(w: torch.Tensor, bits: int, steps: tuple[float, ...]) -> tuple[to
 
 
 def high_bits_layout(bits: torch.Tensor) -> torch.Tensor:
-    """5-bit weights' fifth bits (N, K) as zeros and ones (``linear.unpack_high``) in the kernels' layout
-    (N, ceil(K/128) * 16) bytes: per 128 weights a 64-bit mask of the even positions, then of the odd ones."""
+    """5-bit weights' fifth bits (N, K) as zeros and ones (``linear.unpack_high``) in the loaded build's layout,
+    (N, ceil(K/128) * 16) bytes, 16 per 128 weights: for the AVX-512 build a 64-bit mask of the even positions,
+    then of the odd ones; for the AVX2 build, byte i holds positions 4i + j (bit j) and 64 + 4i + j (bit 4 + j)."""
     from .linear import pack_bits  # (linear imports this module)
 
     n, k = bits.shape
     steps = -(-k // 128)
-    bits = torch.cat([bits, bits.new_zeros(n, steps * 128 - k)], dim=1).reshape(n, steps, 64, 2)
-    planes = bits.permute(0, 1, 3, 2).reshape(n, steps, 2, 8, 8)  # (..., even|odd, byte, bit)
+    bits = torch.cat([bits, bits.new_zeros(n, steps * 128 - k)], dim=1)
+    if _state.get("build") is AVX2:
+        planes = bits.reshape(n, steps, 2, 16, 4).permute(0, 1, 3, 2, 4).reshape(n, steps, 16, 8)  # (.., byte, bit)
+    else:
+        planes = bits.reshape(n, steps, 64, 2).permute(0, 1, 3, 2).reshape(n, steps, 2, 8, 8)  # (.., even|odd, byte, bit)
     return pack_bits(planes).reshape(n, steps * 16).contiguous()
 
 

@@ -36,24 +36,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_kernels_common.h"
+
 namespace {
-
-constexpr int64_t kGroup = 32;
-constexpr int64_t kStep = 4;  // groups per step: one cache line of codes
-constexpr int64_t kMaxRows = 16;
-// Prefetch distance in weight bytes. The software prefetches go to L2 (T1), not L1: on a 2-core AMD EPYC
-// (Zen 4), with two rows at a time, the weights were read 1.24x (int4) and 1.73x (int8) faster at batch 1
-// than with T0 and four rows (benchmarks/RESULTS.md); without prefetches, ~1.5x slower; the distance
-// (3-32 KB) hardly mattered.
-constexpr int64_t kAheadBytes = 8192;
-constexpr int64_t kHighBytes = 16;     // fifth bits per step of 128 weights (5-bit weights only)
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // 16 activations of a block as the block's two int8 parts: x / d = xq + xr / 256 (round to nearest, the
 // default mode; saturated to int8), about 15 bits; inv = 1 / d
@@ -199,57 +184,6 @@ void rows(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activa
 // for one activation row, where more rows at once (more interleaved streams of weights) read slower
 template <int M>
 constexpr int kRowsAtOnce = M == 1 ? 2 : M <= 2 ? 4 : (M <= 4 ? 2 : 1);
-
-// The N weight rows in blocks of R over the threads; a last partial block row by row.
-template <int R, typename Block, typename Row>
-void over_rows(int64_t n, const Block& block, const Row& row) {
-  at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t row0 = b * R;
-      if (row0 + R <= n) {
-        block(row0);
-      } else {
-        for (int64_t r = row0; r < n; ++r) row(r);
-      }
-    }
-  });
-}
-
-// The activations (M, K) as fp32, padded with zero rows up to 1, 2, 4, 8 or 16 (one compiled loop each;
-// zero rows cost no weight reads); run(x, std::integral_constant<int, padded>) makes the (padded, N) output.
-template <typename Run>
-at::Tensor padded_rows(const char* name, const at::Tensor& x_in, const Run& run) {
-  const int64_t m_rows = x_in.size(0), k = x_in.size(1);
-  TORCH_CHECK(m_rows >= 1 && m_rows <= kMaxRows, name, ": 1 to 16 rows");
-  const int64_t padded = m_rows == 1 ? 1 : m_rows <= 2 ? 2 : m_rows <= 4 ? 4 : m_rows <= 8 ? 8 : 16;
-  at::Tensor x = x_in.to(at::kFloat).contiguous();
-  if (padded != m_rows) x = at::cat({x, at::zeros({padded - m_rows, k}, x.options())});
-  at::Tensor out;
-  switch (padded) {
-    case 1: out = run(x, std::integral_constant<int, 1>{}); break;
-    case 2: out = run(x, std::integral_constant<int, 2>{}); break;
-    case 4: out = run(x, std::integral_constant<int, 4>{}); break;
-    case 8: out = run(x, std::integral_constant<int, 8>{}); break;
-    default: out = run(x, std::integral_constant<int, 16>{}); break;
-  }
-  return padded == m_rows ? out : out.narrow(0, 0, m_rows).contiguous();
-}
-
-// The weights both functions take: (N, K/2) uint8 codes and (N, K/32, 2) bf16 scales and zeros, and for
-// 5-bit weights their fifth bits (N, ceil(K/128) * 16) uint8; returns the fifth bits' pointer or null.
-const uint8_t* check_weights(const char* name, const at::Tensor& packed, const at::Tensor& sz,
-                             const std::optional<at::Tensor>& high) {
-  TORCH_CHECK(packed.dim() == 2 && sz.dim() == 3, name, ": packed (N, K/2), sz (N, K/32, 2)");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && sz.scalar_type() == at::kBFloat16, name, ": uint8 codes, bf16 scales");
-  TORCH_CHECK(sz.size(0) == packed.size(0) && sz.size(1) * kGroup == packed.size(1) * 2 && sz.size(2) == 2,
-              name, ": scales must be (N, K/32, 2)");
-  if (!high.has_value()) return nullptr;
-  const int64_t steps = (sz.size(1) + kStep - 1) / kStep;
-  TORCH_CHECK(high->dim() == 2 && high->scalar_type() == at::kByte && high->size(0) == packed.size(0) &&
-                  high->size(1) == steps * kHighBytes && high->is_contiguous(),
-              name, ": fifth bits must be contiguous uint8 (N, ceil(K/128) * 16)");
-  return high->data_ptr<uint8_t>();
-}
 
 at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz,
                      const std::optional<at::Tensor>& high_bits) {

@@ -27,9 +27,8 @@ from . import cpu_kernel
 
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, a matrix product (int8, or with the weight dequantised)
-# qwenlm's int4/int8 matrix-vector CPU kernels below this many rows (bandwidth-bound): at 4 rows int8's was
-# 1.5x the int8 matrix product and int4's even with PyTorch's kernel (benchmarks/RESULTS.md)
-OWN_KERNEL_ROWS = 5
+# (below how many rows qwenlm's int4/int8 matrix-vector CPU kernels run depends on their build:
+# cpu_kernel.gemv_rows)
 ROWS_PER_CHUNK_ELEMENTS = 1 << 20  # 4-bit fitting works on this many weights at a time (memory; ~1.7x faster than 4M)
 SCALE_STEPS = tuple(x / 5 for x in range(-5, 6))  # offsets to the 15 steps of a group's range that are tried
 
@@ -82,7 +81,7 @@ def fit_int4_groups(w: torch.Tensor, group_size: int,
     keep the spacing with the smallest squared error (the idea of llama.cpp's k-quant search). A group that
     already lies on a 4-bit grid is recovered exactly. Returns codes (n, k) uint8 and scale, zero (n, k/g).
     """
-    if group_size == 32 and w.dtype == torch.float32 and w.device.type == "cpu" and cpu_kernel.available():
+    if group_size == 32 and w.dtype == torch.float32 and w.device.type == "cpu" and cpu_kernel.provides("fit_groups"):
         return cpu_kernel.fit_groups(w, bits, SCALE_STEPS)  # the same arithmetic, ~20x faster
     n, k = w.shape
     top, middle = (1 << bits) - 1, 1 << (bits - 1)
@@ -124,8 +123,9 @@ class Int8Linear(nn.Module):
 
     def prepare(self) -> None:
         """Choose the decoding kernel for the weights' device now, not inside the first compiled pass:
-        qwenlm's own AVX-512 VNNI kernel on CPUs that have it (``cpu_kernel``), else PyTorch's."""
+        qwenlm's own kernel on CPUs it builds for (``cpu_kernel``: AVX-512 VNNI or AVX2), else PyTorch's."""
         self._own = self.weight.device.type == "cpu" and self.in_features % 32 == 0 and cpu_kernel.available()
+        self._gemv_rows = cpu_kernel.gemv_rows() if self._own else 0  # batches below it go through int8_gemv
 
     def _apply(self, fn, recurse=True):  # moved or cast: choose again for the new device
         self._own = None
@@ -162,9 +162,9 @@ class Int8Linear(nn.Module):
             y = F.linear(x2.to(KERNEL_DTYPE), self.weight.to(KERNEL_DTYPE)) * self.scales
         elif x.requires_grad:  # the CPU kernels have no backward: a differentiable product
             y = F.linear(x2, self.dequantize(x.dtype))
-        elif self._own and x2.shape[0] < OWN_KERNEL_ROWS:
+        elif x2.shape[0] < self._gemv_rows:
             y = cpu_kernel.int8_gemv(x2, self.weight, self.scales)  # rounds x itself: no bf16 step
-        elif self._own:  # batched decoding and prompts: the int8 matrix product (2x PyTorch's kernel at 8 rows)
+        elif self._own and cpu_kernel.provides("int8_matmul"):  # batches and prompts (2x PyTorch's at 8 rows)
             y = cpu_kernel.int8_matmul(x2, self.weight, self.scales.float())
         elif x2.shape[0] >= PREFILL_ROWS:
             dtype = prompt_dtype(x.device)
@@ -208,6 +208,7 @@ class Int4Linear(nn.Module):
 
     def _forget_kernel_state(self) -> None:
         self._path: str | None = None  # "own" (cpu_kernel), "packed" (PyTorch's kernel) or "matmul"; by prepare()
+        self._gemv_rows = 0  # batches of fewer rows go through cpu_kernel.int4_gemv (path "own")
         self._packed: torch.Tensor | None = None  # PyTorch's packed layout
         self._scales_nk: torch.Tensor | None = None  # (out, groups, 2) scales and zeros for cpu_kernel
         self._high_nk: torch.Tensor | None = None  # Int5Linear's fifth bits in cpu_kernel's layout
@@ -295,7 +296,10 @@ class Int4Linear(nn.Module):
         if self._own_kernel_fits():
             self._own_layout()
             self._path = "own"
-            if packed_fits:  # PyTorch's kernel takes batches from OWN_KERNEL_ROWS rows on
+            # batches below _gemv_rows through int4_gemv; larger ones (to PREFILL_ROWS) through PyTorch's kernel
+            # where the build says it is faster there and the weights fit it
+            self._gemv_rows = cpu_kernel.gemv_rows() if packed_fits else PREFILL_ROWS
+            if self._gemv_rows < PREFILL_ROWS:
                 self._kernel_weight()
         elif packed_fits and (device == "cpu" or self._cuda_k_tiles()):
             self._kernel_weight()
@@ -334,10 +338,10 @@ class Int4Linear(nn.Module):
         rows = x2.shape[0]
         if x.requires_grad:  # the kernels have no backward: a differentiable product
             return self._finish(F.linear(x2, self.dequantize(x.dtype)), x, shape)
-        if self._path == "own" and (rows < OWN_KERNEL_ROWS or (rows < PREFILL_ROWS and self._packed is None)):
+        if self._path == "own" and rows < self._gemv_rows:
             y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk, self._high_nk)  # rounds x: no bf16 step
             return self._finish(y, x, shape)
-        if rows >= PREFILL_ROWS and self._path == "own":
+        if rows >= PREFILL_ROWS and self._path == "own" and cpu_kernel.provides("int8_matmul"):
             y = cpu_kernel.int8_matmul(x2, *cpu_kernel.int4_to_int8(self.qweight, self._scales_nk, self._high_nk))
             return self._finish(y, x, shape)
         if rows >= PREFILL_ROWS or self._path == "matmul":

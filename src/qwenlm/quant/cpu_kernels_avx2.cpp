@@ -1,0 +1,458 @@
+// qwenlm's decoding kernels for x86 CPUs with AVX2 and FMA but without AVX-512 VNNI (qwenlm.quant.cpu_kernel
+// builds this file there instead of cpu_kernels.cpp): int4_gemv (4- and 5-bit weights), int8_gemv, argmax_rows
+// and, for loading, fit_groups, on the same weight layouts as cpu_kernels.cpp (whose header explains them),
+// except the fifth bits of 5-bit weights (high_bits_layout). AVX2 has no byte dot product, and its
+// maddubs (bytes to int16 pairs) would need two instructions per 32 weights for cpu_kernels.cpp's two int8
+// parts of each activation; so the activations are int16 here, x = d * round(x / d) with d = max|x| / 32512
+// per block of 32 (the same ~15 bits: 127 * 256 steps), the codes are widened to int16 by shifts and masks,
+// and madd_epi16 multiplies 16 of each per instruction into exact int32 sums. The results are those of
+// cpu_kernels.cpp up to the order of float sums (and its residual's saturation at +127/256 of a step). The
+// other operations (prompt-sized products, attention) are not built here: PyTorch's run instead
+// (cpu_kernel.provides).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu_kernels_common.h"
+
+namespace {
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+inline float hmax(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
+
+// 16 int32 (a: the first 8) as int8 with signed saturation, in order
+inline void store_bytes(__m256i a, __m256i b, int8_t* out) {
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // a0-7, b0-7 as int16
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+}
+
+// A block of 32 activations as int16, x / d = round(x * 32512 / max|x|) (d = max|x| / 32512: the resolution of
+// cpu_kernels.cpp's two int8 parts, 127 * 256 steps), in their order, at out; returns d (0 for a zero block).
+inline float block_int16(const float* x, int16_t* out) {
+  __m256 v[4];
+  for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(x + 8 * j);
+  const float amax =
+      hmax(_mm256_max_ps(_mm256_max_ps(abs_ps(v[0]), abs_ps(v[1])), _mm256_max_ps(abs_ps(v[2]), abs_ps(v[3]))));
+  const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f), c256 = _mm256_set1_ps(256.f);
+  for (int j = 0; j < 4; j += 2) {  // (x * (127 / amax)) * 256, the scale cpu_kernels.cpp's two parts have
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(v[j], inv), c256));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(v[j + 1], inv), c256));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * j),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+  }
+  return amax / 127.f / 256.f;
+}
+
+// ---- int4 / int5 weights ----------------------------------------------------------------------------------
+// A step of four groups (128 weights, a 64-byte line of codes) is two halves of 32 bytes; 16-bit word i of half
+// h holds the codes of positions 64h + 4i + J in its four nibbles J = 0..3 (Int4Linear's layout: weight 2b in
+// the low nibble of byte b). Shifts and masks take nibble J of every word into a register of 16 int16 codes;
+// madd_epi16 multiplies them by the int16 activations of the same positions (stored in that order: per half,
+// J, then i) and sums adjacent pairs, so each int32 lane belongs to one group (lanes 0-3: group 2h, 4-7:
+// 2h + 1). 5-bit weights' fifth bits come as 16 bytes per step, byte i holding bit 4h + J for position
+// 64h + 4i + J (high_bits_layout for this build), added as 16 to the codes.
+
+struct Activations {
+  int64_t steps;           // ceil(groups / 4)
+  std::vector<int16_t> x;  // (M, steps, 128) int16, in the order above; zeros past the row's groups
+  std::vector<float> dx;   // (M, steps, 16): per lane of a half's product, the scale d of its group
+  std::vector<float> xs;   // (M, steps, 8): [-offset sum_g, sum_g] per group against [s_g, z_g]
+};
+
+// offset: 8 for 4-bit codes, 16 for 5-bit ones (w = (q - offset) * s + z)
+Activations prepare(const float* x, int64_t m_rows, int64_t k, float offset) {
+  const int64_t groups = k / kGroup;
+  Activations a;
+  a.steps = (groups + kStep - 1) / kStep;
+  a.x.resize(m_rows * a.steps * 128);
+  a.dx.resize(m_rows * a.steps * 16);
+  a.xs.resize(m_rows * a.steps * 8);
+  alignas(32) int16_t block[kGroup];
+  for (int64_t m = 0; m < m_rows; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at_ = m * a.steps + g / kStep, h = g % kStep;
+      const float* xg = x + m * k + g * kGroup;
+      const float d = block_int16(xg, block);
+      int16_t* half = a.x.data() + at_ * 128 + (h / 2) * 64;
+      for (int64_t p = 0; p < kGroup; ++p) {
+        const int64_t pos = (h % 2) * 32 + p;  // the position within the half: 4 i + J
+        half[(pos % 4) * 16 + pos / 4] = block[p];
+      }
+      __m256 sum = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) sum = _mm256_add_ps(sum, _mm256_loadu_ps(xg + 8 * j));
+      float* dv = a.dx.data() + at_ * 16;
+      for (int64_t l = 0; l < 4; ++l) dv[h * 4 + l] = d;
+      float* s = a.xs.data() + at_ * 8;
+      s[2 * h] = -offset * hsum(sum);
+      s[2 * h + 1] = hsum(sum);
+    }
+  }
+  return a;
+}
+
+struct RowBlock {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  const uint8_t* high;  // 5-bit weights only
+  int64_t code_stride, scale_stride, high_stride, lead;
+};
+
+// weight rows per call: two for one or two activation rows, else one (16 registers)
+template <int M>
+constexpr int kRows = M <= 2 ? 2 : 1;
+
+// Nibble J of every 16-bit word of v as int16; Five: plus 16 where bit `bit` of the word's fifth-bit byte
+// (fifth, widened to 16 bits) is set
+template <int J, bool Five>
+inline __m256i nibble(__m256i v, __m256i fifth, int bit) {
+  const __m256i low4 = _mm256_set1_epi16(0x000F);
+  __m256i c = J == 0   ? _mm256_and_si256(v, low4)
+              : J == 3 ? _mm256_srli_epi16(v, 12)
+                       : _mm256_and_si256(_mm256_srli_epi16(v, 4 * J), low4);
+  if (Five) {
+    const __m256i b = bit <= 4 ? _mm256_slli_epi16(fifth, 4 - bit) : _mm256_srli_epi16(fifth, bit - 4);
+    c = _mm256_or_si256(c, _mm256_and_si256(b, _mm256_set1_epi16(16)));
+  }
+  return c;
+}
+
+// One step (four groups) of the block's R rows against M activation rows; Masked: the rows' last groups,
+// fewer than four (`left`), read through a zeroed copy so that nothing past the row is read.
+template <int M, int R, bool Five, bool Masked>
+inline void step(const RowBlock& b, const Activations& act, int64_t t, int64_t left, __m256 (&acc)[R][M][2]) {
+  const __m256i half_a = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), half_b = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+  const uint8_t* codes = b.codes + t * 64;
+  const uint16_t* scales = b.scales + t * 8;
+  const uint8_t* high = Five ? b.high + t * kHighBytes : nullptr;
+  for (int r = 0; r < R; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(codes + (r + b.lead) * b.code_stride), _MM_HINT_T1);
+    if ((t & 3) == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(scales + (r + b.lead) * b.scale_stride), _MM_HINT_T1);
+      if (Five) _mm_prefetch(reinterpret_cast<const char*>(high + (r + b.lead) * b.high_stride), _MM_HINT_T1);
+    }
+    const uint8_t* wp = codes + r * b.code_stride;
+    const uint16_t* sp = scales + r * b.scale_stride;
+    alignas(32) uint8_t wbuf[64];
+    alignas(16) uint16_t sbuf[8];
+    if (Masked) {
+      std::memset(wbuf, 0, sizeof wbuf);
+      std::memset(sbuf, 0, sizeof sbuf);
+      std::memcpy(wbuf, wp, 16 * left);
+      std::memcpy(sbuf, sp, 2 * 2 * left);
+      wp = wbuf;
+      sp = sbuf;
+    }
+    __m256i fifth = _mm256_setzero_si256();
+    if (Five) fifth = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(high + r * b.high_stride)));
+    const __m256 sz = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp))), 16));
+    const __m256 sv[2] = {_mm256_permutevar8x32_ps(sz, half_a), _mm256_permutevar8x32_ps(sz, half_b)};
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * h));
+      const __m256i c0 = nibble<0, Five>(v, fifth, 4 * h), c1 = nibble<1, Five>(v, fifth, 4 * h + 1);
+      const __m256i c2 = nibble<2, Five>(v, fifth, 4 * h + 2), c3 = nibble<3, Five>(v, fifth, 4 * h + 3);
+      for (int m = 0; m < M; ++m) {
+        const int64_t at_ = m * act.steps + t;
+        const __m256i* xv = reinterpret_cast<const __m256i*>(act.x.data() + at_ * 128 + 64 * h);
+        // the half's sums of q x per lane, exact in int32 (at most 8 * 31 * 32512)
+        const __m256i d01 = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256(xv)),
+                                             _mm256_madd_epi16(c1, _mm256_loadu_si256(xv + 1)));
+        const __m256i d23 = _mm256_add_epi32(_mm256_madd_epi16(c2, _mm256_loadu_si256(xv + 2)),
+                                             _mm256_madd_epi16(c3, _mm256_loadu_si256(xv + 3)));
+        const __m256 c = _mm256_mul_ps(sv[h], _mm256_loadu_ps(act.dx.data() + at_ * 16 + 8 * h));
+        acc[r][m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d01, d23)), c, acc[r][m][h]);
+      }
+    }
+    for (int m = 0; m < M; ++m)  // (z - offset s) sum, per group
+      acc[r][m][0] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(act.xs.data() + (m * act.steps + t) * 8), acc[r][m][0]);
+  }
+}
+
+template <int M, int R, bool Five>
+void rows(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activations& act, int64_t k, int64_t n,
+          int64_t row0, int64_t ahead, float* y) {
+  const int64_t groups = k / kGroup, full = groups / kStep, left = groups % kStep;
+  const RowBlock b{w + row0 * (k / 2), s + row0 * groups * 2, Five ? high + row0 * act.steps * kHighBytes : nullptr,
+                   k / 2, groups * 2, act.steps * kHighBytes, std::min(ahead, n - R - row0)};
+  __m256 acc[R][M][2];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < full; ++t) step<M, R, Five, false>(b, act, t, 0, acc);
+  if (left) step<M, R, Five, true>(b, act, full, left, acc);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * n + row0 + r] = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
+}
+
+at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz,
+                     const std::optional<at::Tensor>& high_bits) {
+  const uint8_t* high = check_weights("int4_gemv", packed, sz, high_bits);
+  TORCH_CHECK(x_in.dim() == 2, "int4_gemv: x (M, K)");
+  const int64_t k = x_in.size(1), n = packed.size(0);
+  TORCH_CHECK(k % (2 * kGroup) == 0 && packed.size(1) * 2 == k, "int4_gemv: K must be a multiple of 64 and match the codes");
+  const at::Tensor codes = packed.contiguous();
+  const at::Tensor scales = sz.contiguous();
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  return padded_rows("int4_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
+    constexpr int M = decltype(rows_m)::value, R = kRows<M>;
+    at::Tensor out = at::empty({M, n}, x.options());
+    const Activations act = prepare(x.data_ptr<float>(), M, k, high != nullptr ? 16.f : 8.f);
+    const int64_t ahead = std::max<int64_t>(R, kAheadBytes / (k / 2));  // rows
+    float* y = out.data_ptr<float>();
+    const auto over = [&](auto five) {
+      constexpr bool Five = decltype(five)::value;
+      over_rows<R>(n, [&](int64_t row0) { rows<M, R, Five>(w, s, high, act, k, n, row0, ahead, y); },
+                   [&](int64_t row) { rows<M, 1, Five>(w, s, high, act, k, n, row, ahead, y); });
+    };
+    if (high != nullptr) {
+      over(std::true_type{});
+    } else {
+      over(std::false_type{});
+    }
+    return out;
+  });
+}
+
+// ---- int8 weights -----------------------------------------------------------------------------------------
+// (N, K) int8 in -127..127, one bf16 scale per row; each block of 32 weights widened to int16 (two registers)
+// and multiplied by the int16 activations in their natural order.
+
+struct Activations8 {
+  int64_t blocks;          // K / 32
+  std::vector<int16_t> x;  // (M, K)
+  std::vector<float> dx;   // (M, blocks): the block's d
+};
+
+Activations8 prepare8(const float* x, int64_t m_rows, int64_t k) {
+  Activations8 a;
+  a.blocks = k / kGroup;
+  a.x.resize(m_rows * k);
+  a.dx.resize(m_rows * a.blocks);
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int64_t g = 0; g < a.blocks; ++g)
+      a.dx[m * a.blocks + g] = block_int16(x + m * k + g * kGroup, a.x.data() + m * k + g * kGroup);
+  return a;
+}
+
+template <int M, int R>
+void rows8(const int8_t* w, const uint16_t* scales, const Activations8& act, int64_t k, int64_t n, int64_t row0,
+           int64_t ahead, float* y) {
+  const int64_t lead = std::min(ahead, n - R - row0);
+  __m256 acc[R][M][2];  // two chains per output: even and odd blocks
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < act.blocks; ++g) {
+    for (int r = 0; r < R; ++r) {
+      const int8_t* wp = w + (row0 + r) * k + g * kGroup;
+      if ((g & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(wp + lead * k), _MM_HINT_T1);
+      const __m128i* wv = reinterpret_cast<const __m128i*>(wp);
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wv)), w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wv + 1));
+      for (int m = 0; m < M; ++m) {
+        const __m256i* xv = reinterpret_cast<const __m256i*>(act.x.data() + m * k + g * kGroup);
+        // exact in int32: at most 4 * 127 * 32512 per lane
+        const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
+                                             _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1)));
+        __m256& a = acc[r][m][g & 1];
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(act.dx[m * act.blocks + g]), a);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {  // the row's bf16 scale, once per output
+    const float scale = bf16_to_float(scales[row0 + r]);
+    for (int m = 0; m < M; ++m) y[m * n + row0 + r] = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1])) * scale;
+  }
+}
+
+at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_gemv: weight (N, K) int8");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0), "int8_gemv: scales (N,)");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == weight.size(1), "int8_gemv: x (M, K) against weight (N, K)");
+  const int64_t k = x_in.size(1), n = weight.size(0);
+  TORCH_CHECK(k % kGroup == 0, "int8_gemv: K must be a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16, "int8_gemv: bf16 scales");
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor sc = scales.contiguous();
+  const int8_t* w = wc.data_ptr<int8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>());
+  return padded_rows("int8_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
+    constexpr int M = decltype(rows_m)::value, R = kRows<M>;
+    at::Tensor out = at::empty({M, n}, x.options());
+    const Activations8 act = prepare8(x.data_ptr<float>(), M, k);
+    const int64_t ahead = std::max<int64_t>(R, kAheadBytes / k);  // rows
+    float* y = out.data_ptr<float>();
+    over_rows<R>(n, [&](int64_t row0) { rows8<M, R>(w, s, act, k, n, row0, ahead, y); },
+                 [&](int64_t row) { rows8<M, 1>(w, s, act, k, n, row, ahead, y); });
+    return out;
+  });
+}
+
+// ---- argmax of logits ---------------------------------------------------------------------------------------
+// torch.argmax's answer: the first NaN where there is one, else the first maximum (two passes over the row).
+int64_t row_argmax(const float* x, int64_t n) {
+  __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int nan = 0;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    nan |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    best = _mm256_max_ps(best, v);
+  }
+  float top = hmax(best);
+  for (; i < n; ++i) {
+    if (std::isnan(x[i])) nan = 1;
+    top = std::max(top, x[i]);
+  }
+  const __m256 target = _mm256_set1_ps(top);
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const int hit = _mm256_movemask_ps(nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (; i < n; ++i)
+    if (nan ? std::isnan(x[i]) : x[i] == top) return i;
+  return 0;  // not reached: the maximum occurs in the row
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "argmax_rows: x (B, V) float32 with V >= 1");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  const float* xp = xc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t n = x.size(1);
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) op[r] = row_argmax(xp + r * n, n);
+  });
+  return out;
+}
+
+// ---- 4-bit (or 5-bit) codes for fp32 weights in groups of 32 (loading) ----------------------------------------
+// cpu_kernels.cpp's fit_groups (linear.fit_int4_groups' arithmetic; see there) on four registers of 8.
+struct GroupFit {
+  float scale, offset, step;
+};
+
+inline float hmin(__m256 v) {
+  const __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_min_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_min_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// the sum of the four registers' lanes
+inline float sum4(const __m256 (&v)[4]) { return hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]))); }
+
+inline GroupFit fit_group(const float* w, int top, const std::vector<double>& steps, uint8_t* codes) {
+  __m256 x[4], sx[4];
+  for (int j = 0; j < 4; ++j) x[j] = _mm256_loadu_ps(w + 8 * j);
+  const float lo = hmin(_mm256_min_ps(_mm256_min_ps(x[0], x[1]), _mm256_min_ps(x[2], x[3])));
+  const float span = std::max(hmax(_mm256_max_ps(_mm256_max_ps(x[0], x[1]), _mm256_max_ps(x[2], x[3]))) - lo, 1e-8f);
+  const float sum_w = sum4(x), inverse = 1.f / span;
+  for (int j = 0; j < 4; ++j) sx[j] = _mm256_sub_ps(x[j], _mm256_set1_ps(lo));
+  const __m256 zero = _mm256_setzero_ps(), highest = _mm256_set1_ps(static_cast<float>(top));
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // half to even, as torch.round
+  auto codes_for = [&](float mult, __m256 (&q)[4]) {
+    const __m256 m = _mm256_set1_ps(mult);
+    for (int j = 0; j < 4; ++j)
+      q[j] = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(sx[j], m), kRound), zero), highest);
+  };
+  const float g = static_cast<float>(kGroup);
+  GroupFit best{0.f, 0.f, 0.f};
+  float best_err = 0.f;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    __m256 q[4], qq[4], qw[4], e[4];
+    codes_for(inverse * static_cast<float>(top + steps[i]), q);  // (a Python float times a tensor)
+    for (int j = 0; j < 4; ++j) {
+      qq[j] = _mm256_mul_ps(q[j], q[j]);
+      qw[j] = _mm256_mul_ps(q[j], x[j]);
+    }
+    const float sum_q = sum4(q), sum_qq = sum4(qq), sum_qw = sum4(qw);
+    const float det = g * sum_qq - sum_q * sum_q;
+    const float s = det <= 0.f ? span / static_cast<float>(top) : (g * sum_qw - sum_q * sum_w) / det;
+    const float m = (sum_w - s * sum_q) / g;
+    const __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(m);
+    for (int j = 0; j < 4; ++j) {
+      const __m256 d = _mm256_sub_ps(_mm256_add_ps(vm, _mm256_mul_ps(vs, q[j])), x[j]);
+      e[j] = _mm256_mul_ps(d, d);
+    }
+    const float err = sum4(e);
+    if (i == 0 || err < best_err) {
+      best_err = err;
+      best = {s, m, static_cast<float>(steps[i])};
+    }
+  }
+  __m256 q[4];  // the winner's codes, with its step as a float32 tensor holds it (as the PyTorch code)
+  codes_for(inverse * (static_cast<float>(top) + best.step), q);
+  for (int j = 0; j < 4; j += 2) {
+    const __m256i a = _mm256_cvtps_epi32(q[j]), b = _mm256_cvtps_epi32(q[j + 1]);
+    store_bytes(a, b, reinterpret_cast<int8_t*>(codes + 8 * j));  // 0..31: the same bytes as uint8
+  }
+  return best;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_groups(const at::Tensor& w_in, int64_t bits,
+                                                          at::ArrayRef<double> steps_in) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat && w_in.size(1) % kGroup == 0,
+              "fit_groups: w (N, K) float32 with K a multiple of 32");
+  TORCH_CHECK((bits == 4 || bits == 5) && !steps_in.empty(), "fit_groups: bits 4 or 5 and at least one step");
+  const at::Tensor w = w_in.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), groups = k / kGroup;
+  const int top = (1 << bits) - 1;
+  const float middle = static_cast<float>(1 << (bits - 1));
+  const std::vector<double> steps(steps_in.begin(), steps_in.end());
+  at::Tensor codes = at::empty({n, k}, w.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({n, groups}, w.options());
+  at::Tensor zero = at::empty({n, groups}, w.options());
+  const float* wp = w.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  float* zp = zero.data_ptr<float>();
+  at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const GroupFit f = fit_group(wp + i * kGroup, top, steps, cp + i * kGroup);
+      sp[i] = f.scale;
+      zp[i] = f.offset + middle * f.scale;
+    }
+  });
+  return {codes, scale, zero};
+}
+
+}  // namespace
+
+// the same schemas as cpu_kernels.cpp's
+TORCH_LIBRARY(qwenlm_cpu, m) {
+  m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros, Tensor? high=None) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("fit_groups(Tensor w, int bits, float[] steps) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("argmax_rows", &argmax_rows);
+  m.impl("fit_groups", &fit_groups);
+}

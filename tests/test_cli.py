@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from qwenlm.quant import cpu_kernel
 from tests.builders import tiny_checkpoint
 
 
@@ -87,6 +88,9 @@ def test_bench_json(ckpt):
     assert result["precision"] == "int8" and result["decode_tok_s"] > 0 and result["kv_dtype"] == "bfloat16"
     assert result["compiled"] is False and result["warmup_s"] > 0 and result["programs_from_disk"] == 0
     assert result["cuda_graphs"] is False  # the default --cuda-graphs does nothing on a CPU model
+    # which build of qwenlm's CPU kernels the int8 layers ran on (this CPU's), or none
+    build = cpu_kernel.chosen_build() if cpu_kernel.available() else None
+    assert result["cpu_kernels"] == (None if build is None else "avx512" if build is cpu_kernel.AVX512 else "avx2")
 
 
 def test_cuda_graphs_switch_is_accepted_and_a_no_op_on_cpu(ckpt):

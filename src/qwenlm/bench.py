@@ -12,6 +12,7 @@ import torch
 
 from .checkpoint import describe, load_model
 from .model import QwenForCausalLM
+from .quant import cpu_kernel
 from .quant.cpu_kernel import argmax
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4", "auto")
@@ -176,5 +177,5 @@ def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "c
     precision_name = f"int{quant['bits']}" if quant else str(model.dtype).replace("torch.", "")
     out.update(precision=precision_name, kv_dtype=facts["kv_dtype"], load_s=load_s,
                weight_mb=facts["weight_bytes"] / 2**20, model=os.path.basename(str(path)),
-               device=str(model.device))  # fmt: skip
+               device=str(model.device), cpu_kernels=cpu_kernel.isa())  # fmt: skip
     return out

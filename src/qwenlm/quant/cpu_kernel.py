@@ -183,8 +183,10 @@ def gemv_rows() -> int:
 
 
 def isa() -> str | None:
-    """Which build runs: "avx512" or "avx2" (None where none is loaded)."""
-    return ("avx512" if _state["build"] is AVX512 else "avx2") if available() else None
+    """Which build of the kernels this process loaded: "avx512" or "avx2" (None where none is, or not yet:
+    this does not build them)."""
+    build = _state.get("build") if _state.get("enabled", True) else None
+    return None if build is None else "avx512" if build is AVX512 else "avx2"
 
 
 def set_enabled(enabled: bool) -> None:
@@ -238,10 +240,10 @@ def high_bits_layout(bits: torch.Tensor) -> torch.Tensor:
     n, k = bits.shape
     steps = -(-k // 128)
     bits = torch.cat([bits, bits.new_zeros(n, steps * 128 - k)], dim=1)
-    if _state.get("build") is AVX2:
-        planes = bits.reshape(n, steps, 2, 16, 4).permute(0, 1, 3, 2, 4).reshape(n, steps, 16, 8)  # (.., byte, bit)
-    else:
-        planes = bits.reshape(n, steps, 64, 2).permute(0, 1, 3, 2).reshape(n, steps, 2, 8, 8)  # (.., even|odd, byte, bit)
+    if _state.get("build") is AVX2:  # (..., byte, bit)
+        planes = bits.reshape(n, steps, 2, 16, 4).permute(0, 1, 3, 2, 4).reshape(n, steps, 16, 8)
+    else:  # (..., even|odd, byte, bit)
+        planes = bits.reshape(n, steps, 64, 2).permute(0, 1, 3, 2).reshape(n, steps, 2, 8, 8)
     return pack_bits(planes).reshape(n, steps * 16).contiguous()
 
 

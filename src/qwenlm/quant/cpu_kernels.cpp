@@ -713,29 +713,13 @@ int64_t row_argmax(const float* x, int64_t n) {
   return 0;  // not reached: the maximum occurs in the row
 }
 
-at::Tensor argmax_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0,
-              "argmax_rows: x (B, V) float32 with V >= 1");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
-  const float* xp = xc.data_ptr<float>();
-  int64_t* op = out.data_ptr<int64_t>();
-  const int64_t n = x.size(1);
-  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) op[r] = row_argmax(xp + r * n, n);
-  });
-  return out;
-}
+at::Tensor argmax_rows(const at::Tensor& x) { return argmax_rows_with(x, row_argmax); }
 
 // ---- 4-bit (or 5-bit) codes for fp32 weights in groups of 32 (loading) ----------------------------------------
 // Int4Linear's rounding, the same arithmetic as linear.fit_int4_groups' PyTorch code (see there): per group, for
 // each step offset in `steps`, codes q = clamp(round((w - lo) * (1 / span * (top + step))), 0, top), the scale
 // s and offset m that fit them by least squares, and their squared error; the first step with the smallest
 // error wins. Sums run in another order than PyTorch's, so a near tie may pick another step.
-struct GroupFit {
-  float scale, offset, step;
-};
-
 inline GroupFit fit_group(const float* w, int top, const std::vector<double>& steps, uint8_t* codes) {
   const __m512 a = _mm512_loadu_ps(w), b = _mm512_loadu_ps(w + 16);
   const float lo = std::min(_mm512_reduce_min_ps(a), _mm512_reduce_min_ps(b));
@@ -777,31 +761,8 @@ inline GroupFit fit_group(const float* w, int top, const std::vector<double>& st
   return best;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_groups(const at::Tensor& w_in, int64_t bits,
-                                                          at::ArrayRef<double> steps_in) {
-  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat && w_in.size(1) % kGroup == 0,
-              "fit_groups: w (N, K) float32 with K a multiple of 32");
-  TORCH_CHECK((bits == 4 || bits == 5) && !steps_in.empty(), "fit_groups: bits 4 or 5 and at least one step");
-  const at::Tensor w = w_in.contiguous();
-  const int64_t n = w.size(0), k = w.size(1), groups = k / kGroup;
-  const int top = (1 << bits) - 1;
-  const float middle = static_cast<float>(1 << (bits - 1));
-  const std::vector<double> steps(steps_in.begin(), steps_in.end());
-  at::Tensor codes = at::empty({n, k}, w.options().dtype(at::kByte));
-  at::Tensor scale = at::empty({n, groups}, w.options());
-  at::Tensor zero = at::empty({n, groups}, w.options());
-  const float* wp = w.data_ptr<float>();
-  uint8_t* cp = codes.data_ptr<uint8_t>();
-  float* sp = scale.data_ptr<float>();
-  float* zp = zero.data_ptr<float>();
-  at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const GroupFit f = fit_group(wp + i * kGroup, top, steps, cp + i * kGroup);
-      sp[i] = f.scale;
-      zp[i] = f.offset + middle * f.scale;
-    }
-  });
-  return {codes, scale, zero};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_groups(const at::Tensor& w, int64_t bits, at::ArrayRef<double> steps) {
+  return fit_groups_with(w, bits, steps, fit_group);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // What qwenlm's two builds of the CPU kernels share (cpu_kernels.cpp for AVX-512 VNNI, cpu_kernels_avx2.cpp
 // for AVX2): the weights' layout constants, the bf16 scale conversion, the padding of activation rows to one
-// compiled loop each and the split of the weight rows over the threads. No vector instructions here.
+// compiled loop each, the split of the weight rows over the threads, the weights' checks, and the drivers of
+// argmax_rows and fit_groups around each build's own per-row and per-group code. No vector instructions here.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,7 +10,9 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -79,6 +82,56 @@ const uint8_t* check_weights(const char* name, const at::Tensor& packed, const a
                   high->size(1) == steps * kHighBytes && high->is_contiguous(),
               name, ": fifth bits must be contiguous uint8 (N, ceil(K/128) * 16)");
   return high->data_ptr<uint8_t>();
+}
+
+// A group's fitted scale and offset and the step offset that won (fit_groups)
+struct GroupFit {
+  float scale, offset, step;
+};
+
+// argmax_rows: the rows of x (B, V) each through the build's row_argmax(row, V), over the threads
+template <typename RowArgmax>
+at::Tensor argmax_rows_with(const at::Tensor& x, const RowArgmax& row_argmax) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "argmax_rows: x (B, V) float32 with V >= 1");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  const float* xp = xc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  const int64_t n = x.size(1);
+  at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) op[r] = row_argmax(xp + r * n, n);
+  });
+  return out;
+}
+
+// fit_groups: every group of 32 weights of w (N, K) through the build's fit_group(group, top, steps, codes)
+template <typename Fit>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_groups_with(const at::Tensor& w_in, int64_t bits,
+                                                               at::ArrayRef<double> steps_in, const Fit& fit_group) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kFloat && w_in.size(1) % kGroup == 0,
+              "fit_groups: w (N, K) float32 with K a multiple of 32");
+  TORCH_CHECK((bits == 4 || bits == 5) && !steps_in.empty(), "fit_groups: bits 4 or 5 and at least one step");
+  const at::Tensor w = w_in.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), groups = k / kGroup;
+  const int top = (1 << bits) - 1;
+  const float middle = static_cast<float>(1 << (bits - 1));
+  const std::vector<double> steps(steps_in.begin(), steps_in.end());
+  at::Tensor codes = at::empty({n, k}, w.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({n, groups}, w.options());
+  at::Tensor zero = at::empty({n, groups}, w.options());
+  const float* wp = w.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  float* zp = zero.data_ptr<float>();
+  at::parallel_for(0, n * groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const GroupFit f = fit_group(wp + i * kGroup, top, steps, cp + i * kGroup);
+      sp[i] = f.scale;
+      zp[i] = f.offset + middle * f.scale;
+    }
+  });
+  return {codes, scale, zero};
 }
 
 }  // namespace

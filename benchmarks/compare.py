@@ -216,8 +216,7 @@ def machine_line() -> str:
         name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
     amx, vnni = ("yes" if flag in flags else "no" for flag in ("amx_bf16", "avx512_vnni"))
     build = cpu_kernel.chosen_build()
-    kernels = "none" if build is None else "AVX-512" if build is cpu_kernel.AVX512 else "AVX2"
-    return f"machine: {name}, AMX {amx}, AVX-512 VNNI {vnni}, qwenlm's CPU kernels: {kernels}"
+    return f"machine: {name}, AMX {amx}, AVX-512 VNNI {vnni}, qwenlm's CPU kernels: {build.label if build else 'none'}"
 
 
 if __name__ == "__main__":

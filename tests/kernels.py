@@ -17,3 +17,6 @@ def needs_ops(*ops: str) -> pytest.MarkDecorator:
     else:
         why = f"CPU kernels: {cpu_kernel.status()}"
     return pytest.mark.skipif(bool(missing), reason=why)
+
+
+needs_attention = needs_ops("decode_attention")  # (not in the AVX2 build)

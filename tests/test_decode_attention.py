@@ -10,9 +10,7 @@ import torch.nn.functional as F
 
 from qwenlm.quant import cpu_kernel, quantize
 from tests.builders import random_model, tiny_config
-from tests.kernels import needs_ops
-
-needs_attention = needs_ops("decode_attention")  # not in every build of the kernels
+from tests.kernels import needs_attention
 
 
 def _sdpa(q, k, v, bias):

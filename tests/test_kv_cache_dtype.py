@@ -10,9 +10,7 @@ import torch
 from qwenlm.cache import KVCache
 from qwenlm.quant import quantize
 from tests.builders import greedy_decode, random_model, relative_error, tiny_config
-from tests.kernels import needs_ops
-
-needs_attention = needs_ops("decode_attention")  # not in every build of the kernels
+from tests.kernels import needs_attention
 
 
 def _logits(model, ids, mask, steps, kv_dtype):

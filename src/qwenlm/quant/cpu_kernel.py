@@ -43,6 +43,7 @@ class Build:
     below how many activation rows its decoding products beat the matrix products (measured per build)."""
 
     name: str
+    label: str  # "avx512" or "avx2": what isa() and the benchmarks call it
     source: Path
     cpu_flags: tuple[str, ...]
     cflags: tuple[str, ...]
@@ -50,7 +51,7 @@ class Build:
     gemv_rows: int
 
 
-AVX512 = Build("qwenlm_cpu_kernels", HERE / "cpu_kernels.cpp",
+AVX512 = Build("qwenlm_cpu_kernels", "avx512", HERE / "cpu_kernels.cpp",
                ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
                ("-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-ffp-contract=off"),
                frozenset({"int4_gemv", "int8_gemv", "int8_matmul", "int4_to_int8", "decode_attention",
@@ -58,7 +59,7 @@ AVX512 = Build("qwenlm_cpu_kernels", HERE / "cpu_kernels.cpp",
                # at 4 rows int8_gemv was 1.5x the int8 matrix product and int4_gemv even with PyTorch's kernel
                # (benchmarks/RESULTS.md): batches of 5 or more go to those
                5)  # fmt: skip
-AVX2 = Build("qwenlm_cpu_kernels_avx2", HERE / "cpu_kernels_avx2.cpp", ("avx2", "fma", "f16c"),
+AVX2 = Build("qwenlm_cpu_kernels_avx2", "avx2", HERE / "cpu_kernels_avx2.cpp", ("avx2", "fma", "f16c"),
              ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"),
              frozenset({"int4_gemv", "int8_gemv", "argmax_rows", "fit_groups"}),
              # at 8 rows int4_gemv was 1.4x PyTorch's int4 kernel (benchmarks/RESULTS.md); it takes every
@@ -186,7 +187,7 @@ def isa() -> str | None:
     """Which build of the kernels this process loaded: "avx512" or "avx2" (None where none is, or not yet:
     this does not build them)."""
     build = _state.get("build") if _state.get("enabled", True) else None
-    return None if build is None else "avx512" if build is AVX512 else "avx2"
+    return None if build is None else build.label  # type: ignore[union-attr]
 
 
 def set_enabled(enabled: bool) -> None:

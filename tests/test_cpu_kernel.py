@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,6 +303,40 @@ def test_switched_off_by_the_environment():
     env = dict(os.environ, QWENLM_CPU_KERNEL="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "switched off by QWENLM_CPU_KERNEL=0" and out.stderr == ""
+
+
+def _status_under(value: str) -> list[str]:
+    code = "from qwenlm.quant import cpu_kernel; print(cpu_kernel.status()); print(cpu_kernel.isa())"
+    env = dict(os.environ, QWENLM_CPU_KERNEL=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split("\n")[:2] + [out.stderr]
+
+
+def test_a_build_named_by_the_environment():
+    status, isa, err = _status_under("avx3")
+    assert status == "QWENLM_CPU_KERNEL='avx3' is not one of 0, 1, avx512, avx2" and isa == "None"
+    assert "QWENLM_CPU_KERNEL='avx3'" in err  # said once, on stderr
+    if cpu_kernel.runs_here(cpu_kernel.AVX2) and cpu_kernel.available():
+        assert _status_under("avx2")[:2] == ["available", "avx2"]
+    if not cpu_kernel.runs_here(cpu_kernel.AVX512):
+        status, isa, _ = _status_under("avx512")
+        assert status.startswith("this CPU lacks avx512") and status.endswith("(the avx512 build's flags)")
+
+
+AVX2_SUITES = ["tests/test_cpu_kernel.py", "tests/test_gguf_int4.py", "tests/test_quant.py"]
+
+
+@pytest.mark.skipif(cpu_kernel.isa() != "avx512", reason="the AVX-512 build is not the one loaded: this run tests "
+                    "the loaded build")  # fmt: skip
+def test_the_avx2_build_passes_the_kernel_tests_on_this_cpu_too():
+    # one process holds one build: the kernels' tests again in a process given the AVX2 build, so a machine with
+    # AVX-512 tests both builds (a machine without it runs only the AVX2 one in the main run)
+    env = dict(os.environ, QWENLM_CPU_KERNEL="avx2")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *AVX2_SUITES]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    summary = out.stdout.strip().splitlines()[-1]
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert " passed" in summary and " failed" not in summary, summary
 
 
 def test_moving_a_layer_chooses_its_kernel_again():

@@ -19,7 +19,8 @@ others.
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
 seconds; cached afterwards) and needs ``ninja`` (``pip install ninja``, in the ``demo`` and ``cpu-kernel``
 extras). Without AVX2, a compiler or ninja, or with ``QWENLM_CPU_KERNEL=0``, ``Int4Linear`` and
-``Int8Linear`` use PyTorch's kernels; ``status()`` says which and why.
+``Int8Linear`` use PyTorch's kernels; ``status()`` says which and why. ``QWENLM_CPU_KERNEL=avx2`` loads the
+AVX2 build on a CPU that could run the AVX-512 one (to test or time it there).
 """
 
 from __future__ import annotations
@@ -86,18 +87,32 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def runs_here(build: Build) -> bool:
+    """Whether this CPU has the flags ``build`` needs."""
+    return all(f in cpu_flags() for f in build.cpu_flags)
+
+
 def chosen_build() -> Build | None:
-    """The build of the kernels this CPU runs (by its /proc/cpuinfo flags), or None."""
-    return next((b for b in BUILDS if all(f in cpu_flags() for f in b.cpu_flags)), None)
+    """The build of the kernels this CPU runs (by its /proc/cpuinfo flags), or None. ``QWENLM_CPU_KERNEL``
+    set to a build's label ("avx2") picks that build instead, e.g. to run the AVX2 build on an AVX-512 CPU."""
+    wanted = os.environ.get("QWENLM_CPU_KERNEL", "1")
+    candidates = [b for b in BUILDS if b.label == wanted] or BUILDS
+    return next((b for b in candidates if runs_here(b)), None)
 
 
 def _build() -> str | None:
     """Compile and load the kernel; None on success, else the reason it is not used."""
-    if os.environ.get("QWENLM_CPU_KERNEL", "1") == "0":
+    wanted = os.environ.get("QWENLM_CPU_KERNEL", "1")
+    if wanted == "0":
         return SWITCHED_OFF
+    labels = [b.label for b in BUILDS]
+    if wanted not in ("1", *labels):
+        return f"QWENLM_CPU_KERNEL={wanted!r} is not one of 0, 1, {', '.join(labels)}"
     build = chosen_build()
     if build is None:
-        return f"this CPU lacks {', '.join(f for f in AVX2.cpu_flags if f not in cpu_flags())} (AVX2 and FMA)"
+        needed = next((b for b in BUILDS if b.label == wanted), AVX2)
+        missing = ", ".join(f for f in needed.cpu_flags if f not in cpu_flags())
+        return f"this CPU lacks {missing} (the {needed.label} build's flags)"
     try:
         import ninja  # noqa: F401  (torch.utils.cpp_extension builds with it)
     except ImportError:

@@ -185,34 +185,22 @@ void rows(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activa
 template <int M>
 constexpr int kRowsAtOnce = M == 1 ? 2 : M <= 2 ? 4 : (M <= 4 ? 2 : 1);
 
-at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz,
-                     const std::optional<at::Tensor>& high_bits) {
-  const uint8_t* high = check_weights("int4_gemv", packed, sz, high_bits);
-  TORCH_CHECK(x_in.dim() == 2, "int4_gemv: x (M, K)");
-  const int64_t k = x_in.size(1), n = packed.size(0);
-  TORCH_CHECK(k % (2 * kGroup) == 0 && packed.size(1) * 2 == k, "int4_gemv: K must be a multiple of 64 and match the codes");
-  const at::Tensor codes = packed.contiguous();
-  const at::Tensor scales = sz.contiguous();
-  const uint8_t* w = codes.data_ptr<uint8_t>();
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  return padded_rows("int4_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
-    constexpr int M = decltype(rows_m)::value, R = kRowsAtOnce<M>;
-    at::Tensor out = at::empty({M, n}, x.options());
-    const Activations act = prepare(x.data_ptr<float>(), M, k, high != nullptr ? 16.f : 8.f);
-    const int64_t ahead = std::max<int64_t>(R, kAheadBytes / (k / 2));  // rows
-    float* y = out.data_ptr<float>();
-    const auto over = [&](auto five) {
-      constexpr bool Five = decltype(five)::value;
-      over_rows<R>(n, [&](int64_t row0) { rows<M, R, Five>(w, s, high, act, k, n, row0, ahead, y); },
-                   [&](int64_t row) { rows<M, 1, Five>(w, s, high, act, k, n, row, ahead, y); });
-    };
-    if (high != nullptr) {
-      over(std::true_type{});
-    } else {
-      over(std::false_type{});
-    }
-    return out;
-  });
+// what int4_gemv_with (cpu_kernels_common.h) calls
+struct Int4 {
+  template <int M>
+  static constexpr int kRows = kRowsAtOnce<M>;
+  static Activations activations(const float* x, int64_t m_rows, int64_t k, float offset) {
+    return prepare(x, m_rows, k, offset);
+  }
+  template <int M, int R, bool Five, typename... A>
+  static void block(const A&... a) {
+    rows<M, R, Five>(a...);
+  }
+};
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
+                     const std::optional<at::Tensor>& high) {
+  return int4_gemv_with<Int4>(x, packed, sz, high);
 }
 
 // int8 weights: Int8Linear's own, (N, K) int8 in -127..127 with one bf16 scale per output row. The activations
@@ -296,27 +284,19 @@ void rows8(const int8_t* w, const uint16_t* scales, const Activations8& act, int
   }
 }
 
-at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_gemv: weight (N, K) int8");
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0), "int8_gemv: scales (N,)");
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == weight.size(1), "int8_gemv: x (M, K) against weight (N, K)");
-  const int64_t k = x_in.size(1), n = weight.size(0);
-  TORCH_CHECK(k % kGroup == 0, "int8_gemv: K must be a multiple of 32");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16, "int8_gemv: bf16 scales");
-  const at::Tensor wc = weight.contiguous();
-  const at::Tensor sc = scales.contiguous();
-  const int8_t* w = wc.data_ptr<int8_t>();
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>());
-  return padded_rows("int8_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
-    constexpr int M = decltype(rows_m)::value, R = kRowsAtOnce<M>;
-    at::Tensor out = at::empty({M, n}, x.options());
-    const Activations8 act = prepare8(x.data_ptr<float>(), M, k);
-    const int64_t ahead = std::max<int64_t>(R, kAheadBytes / k);  // rows
-    float* y = out.data_ptr<float>();
-    over_rows<R>(n, [&](int64_t row0) { rows8<M, R>(w, s, act, k, n, row0, ahead, y); },
-                 [&](int64_t row) { rows8<M, 1>(w, s, act, k, n, row, ahead, y); });
-    return out;
-  });
+// what int8_gemv_with (cpu_kernels_common.h) calls
+struct Int8 {
+  template <int M>
+  static constexpr int kRows = kRowsAtOnce<M>;
+  static Activations8 activations(const float* x, int64_t m_rows, int64_t k) { return prepare8(x, m_rows, k); }
+  template <int M, int R, typename... A>
+  static void block(const A&... a) {
+    rows8<M, R>(a...);
+  }
+};
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+  return int8_gemv_with<Int8>(x, weight, scales);
 }
 
 inline __m512 bf16_to_ps(uint16_t h) { return _mm512_set1_ps(bf16_to_float(h)); }

@@ -1,7 +1,8 @@
 // What qwenlm's two builds of the CPU kernels share (cpu_kernels.cpp for AVX-512 VNNI, cpu_kernels_avx2.cpp
 // for AVX2): the weights' layout constants, the bf16 scale conversion, the padding of activation rows to one
 // compiled loop each, the split of the weight rows over the threads, the weights' checks, and the drivers of
-// argmax_rows and fit_groups around each build's own per-row and per-group code. No vector instructions here.
+// int4_gemv, int8_gemv, argmax_rows and fit_groups around each build's own per-row and per-group code. No
+// vector instructions here.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -82,6 +83,64 @@ const uint8_t* check_weights(const char* name, const at::Tensor& packed, const a
                   high->size(1) == steps * kHighBytes && high->is_contiguous(),
               name, ": fifth bits must be contiguous uint8 (N, ceil(K/128) * 16)");
   return high->data_ptr<uint8_t>();
+}
+
+// int4_gemv and int8_gemv around a build's kernel K: the checks, the padding of activation rows, and the split of
+// the weight rows over the threads. K::kRows<M> weight rows per block for M activation rows; K::activations(x,
+// M, k[, offset]) the activations prepared once per call; K::block<M, R[, Five]>(...) R weight rows times them.
+template <typename K>
+at::Tensor int4_gemv_with(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& sz,
+                          const std::optional<at::Tensor>& high_bits) {
+  const uint8_t* high = check_weights("int4_gemv", packed, sz, high_bits);
+  TORCH_CHECK(x_in.dim() == 2, "int4_gemv: x (M, K)");
+  const int64_t k = x_in.size(1), n = packed.size(0);
+  TORCH_CHECK(k % (2 * kGroup) == 0 && packed.size(1) * 2 == k, "int4_gemv: K must be a multiple of 64 and match the codes");
+  const at::Tensor codes = packed.contiguous();
+  const at::Tensor scales = sz.contiguous();
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  return padded_rows("int4_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
+    constexpr int M = decltype(rows_m)::value, R = K::template kRows<M>;
+    at::Tensor out = at::empty({M, n}, x.options());
+    const auto act = K::activations(x.data_ptr<float>(), M, k, high != nullptr ? 16.f : 8.f);
+    const int64_t ahead = std::max<int64_t>(R, kAheadBytes / (k / 2));  // rows
+    float* y = out.data_ptr<float>();
+    const auto over = [&](auto five) {
+      constexpr bool Five = decltype(five)::value;
+      over_rows<R>(n, [&](int64_t row0) { K::template block<M, R, Five>(w, s, high, act, k, n, row0, ahead, y); },
+                   [&](int64_t row) { K::template block<M, 1, Five>(w, s, high, act, k, n, row, ahead, y); });
+    };
+    if (high != nullptr) {
+      over(std::true_type{});
+    } else {
+      over(std::false_type{});
+    }
+    return out;
+  });
+}
+
+template <typename K>
+at::Tensor int8_gemv_with(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_gemv: weight (N, K) int8");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0), "int8_gemv: scales (N,)");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == weight.size(1), "int8_gemv: x (M, K) against weight (N, K)");
+  const int64_t k = x_in.size(1), n = weight.size(0);
+  TORCH_CHECK(k % kGroup == 0, "int8_gemv: K must be a multiple of 32");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16, "int8_gemv: bf16 scales");
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor sc = scales.contiguous();
+  const int8_t* w = wc.data_ptr<int8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::BFloat16>());
+  return padded_rows("int8_gemv", x_in, [&](const at::Tensor& x, auto rows_m) {
+    constexpr int M = decltype(rows_m)::value, R = K::template kRows<M>;
+    at::Tensor out = at::empty({M, n}, x.options());
+    const auto act = K::activations(x.data_ptr<float>(), M, k);
+    const int64_t ahead = std::max<int64_t>(R, kAheadBytes / k);  // rows
+    float* y = out.data_ptr<float>();
+    over_rows<R>(n, [&](int64_t row0) { K::template block<M, R>(w, s, act, k, n, row0, ahead, y); },
+                 [&](int64_t row) { K::template block<M, 1>(w, s, act, k, n, row, ahead, y); });
+    return out;
+  });
 }
 
 // A group's fitted scale and offset and the step offset that won (fit_groups)

@@ -1,5 +1,5 @@
 """Skip markers for tests of qwenlm's CPU kernels: a build of them loaded for this CPU (``needs_kernel``), or
-operations that only some builds have (``needs_ops``: the AVX2 build has the decoding products only)."""
+operations that only some builds have (``needs_ops``: the AVX2 build has no prompt-sized products)."""
 
 from __future__ import annotations
 
@@ -19,4 +19,4 @@ def needs_ops(*ops: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=why)
 
 
-needs_attention = needs_ops("decode_attention")  # (not in the AVX2 build)
+needs_attention = needs_ops("decode_attention")

@@ -87,6 +87,26 @@ def test_fp16_cache_is_read_as_stored(head_dim):
 
 
 @needs_attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_a_long_cache_goes_in_blocks(dtype, head_dim):
+    # 1,000 keys: several of the kernel's key blocks (32 KB of fp32 rows) and a partial last one, 7 query heads
+    # per key/value head (an odd last head), a bias on some of every block's keys; the keys in a cache view
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 14, 1, head_dim, generator=g)
+    cache_k, cache_v = (torch.randn(1, 2, 1024, head_dim, generator=g).to(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :1000], cache_v[:, :, :1000]
+    bias = torch.zeros(1, 1, 1, 1000)
+    bias[..., ::7] = -3.0
+    got = cpu_kernel.decode_attention(q, k, v, bias)
+    torch.testing.assert_close(got, _sdpa(q, k.float(), v.float(), bias), atol=2e-6, rtol=1e-5)
+    length = torch.tensor([777])  # a filled part ending inside a block
+    got = cpu_kernel.decode_attention(q, cache_k, cache_v, torch.zeros(1, 1, 1, 1024), length)
+    torch.testing.assert_close(got, _sdpa(q, cache_k[:, :, :777].float(), cache_v[:, :, :777].float(), None),
+                               atol=2e-6, rtol=1e-5)  # fmt: skip
+
+
+@needs_attention
 def test_checks_its_arguments():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 8, 64)
     with pytest.raises(RuntimeError, match="head size must be 64 or 128"):

@@ -12,8 +12,9 @@ new token against the KV cache (``decode_attention``), which PyTorch's CPU SDPA 
 and the rounding of fp32 weights to 4-bit codes while loading (``fit_groups``).
 
 On CPUs with AVX2 and FMA but not AVX-512 VNNI (e.g. AMD Zen 2/3, Intel before Ice Lake), a second build
-provides the decoding products, the argmax and the fitting only (``int4_gemv``, ``int8_gemv``,
-``argmax_rows``, ``fit_groups``: the same layouts, the activations rounded to the same ~15 bits but as int16);
+provides the decoding operations only (``int4_gemv``, ``int8_gemv``, ``decode_attention``, ``argmax_rows``,
+``fit_groups``: the same layouts, the activations rounded to the same ~15 bits but as int16), not the
+prompt-sized products;
 ``provides(op)`` says which operations the loaded build has, and the callers take PyTorch's path for the
 others.
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
@@ -62,7 +63,8 @@ AVX512 = Build("qwenlm_cpu_kernels", "avx512", HERE / "cpu_kernels.cpp",
                5)  # fmt: skip
 AVX2 = Build("qwenlm_cpu_kernels_avx2", "avx2", HERE / "cpu_kernels_avx2.cpp", ("avx2", "fma", "f16c"),
              ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"),
-             frozenset({"int4_gemv", "int8_gemv", "argmax_rows", "fit_groups"}),
+             frozenset({"int4_gemv", "int8_gemv", "decode_attention", "decode_attention_upto", "argmax_rows",
+                        "fit_groups"}),
              # at 8 rows int4_gemv was 1.4x PyTorch's int4 kernel (benchmarks/RESULTS.md); it takes every
              # decoding batch (below linear.PREFILL_ROWS)
              16)  # fmt: skip
@@ -189,7 +191,7 @@ def available() -> bool:
 
 
 def provides(op: str) -> bool:
-    """Whether the loaded build has the operation ``op`` (the AVX2 build has only the decoding ones)."""
+    """Whether the loaded build has the operation ``op`` (the AVX2 build has no prompt-sized products)."""
     return available() and op in _state["build"].ops  # type: ignore[union-attr]
 
 

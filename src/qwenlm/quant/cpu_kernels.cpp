@@ -495,30 +495,37 @@ inline __m512 sum16(const __m512 (&v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(p, q, 0x88), _mm512_shuffle_f32x4(p, q, 0xDD));
 }
 
-// One (batch row, key/value head): its G query heads at q (G, D), keys and values rows of D at k and v.
+// One (batch row, key/value head): its G query heads at q (G, D), keys and values rows of D at k and v. The keys
+// and values go in blocks of kAttendBytes (attend_keys), each block's rows read from memory once for all G heads
+// and then from L1: without blocks, a cache longer than L2 holds (8K fp32 keys of 64: 2 MB per head) was read G
+// times from L3 or memory (fp32 caches 1.25x faster at 640 keys, 1.5x at 8K on a Zen 5; benchmarks/RESULTS.md).
+// Converting a bf16 block to fp32 once for the G heads instead of at each load was slower (0.7x).
 template <typename T, int D>
 void attend_one(const float* q, const T* k, const T* v, const float* bias, int64_t g_heads, int64_t len,
                 int64_t k_row, int64_t v_row, float scale, float* out, std::vector<float>& scores) {
   constexpr int C = D / 16;  // 16-float chunks of a row
+  constexpr int64_t kBlock = attend_keys<T, D>(16);
   scores.resize(g_heads * len);
   const __m512 sc = _mm512_set1_ps(scale);
-  // scores, 16 keys at a time per query head (the keys come from L2 after the first head)
-  for (int64_t g = 0; g < g_heads; ++g) {
-    __m512 qg[C];
-    for (int c = 0; c < C; ++c) qg[c] = _mm512_loadu_ps(q + g * D + c * 16);
-    for (int64_t j0 = 0; j0 < len; j0 += 16) {
-      const int64_t n = std::min<int64_t>(16, len - j0);
-      __m512 part[16];
-      for (int jj = 0; jj < 16; ++jj) {
-        const T* kj = k + (j0 + std::min<int64_t>(jj, n - 1)) * k_row;  // past the end: the last key again
-        __m512 acc = _mm512_mul_ps(qg[0], load16(kj));
-        for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qg[c], load16(kj + c * 16), acc);
-        part[jj] = acc;
+  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {  // scores, 16 keys at a time per query head
+    const int64_t b1 = std::min(len, b0 + kBlock);
+    for (int64_t g = 0; g < g_heads; ++g) {
+      __m512 qg[C];
+      for (int c = 0; c < C; ++c) qg[c] = _mm512_loadu_ps(q + g * D + c * 16);
+      for (int64_t j0 = b0; j0 < b1; j0 += 16) {
+        const int64_t n = std::min<int64_t>(16, b1 - j0);
+        __m512 part[16];
+        for (int jj = 0; jj < 16; ++jj) {
+          const T* kj = k + (j0 + std::min<int64_t>(jj, n - 1)) * k_row;  // past the end: the last key again
+          __m512 acc = _mm512_mul_ps(qg[0], load16(kj));
+          for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qg[c], load16(kj + c * 16), acc);
+          part[jj] = acc;
+        }
+        const __mmask16 mask = first(n);
+        __m512 sv = _mm512_mul_ps(sum16(part), sc);
+        if (bias != nullptr) sv = _mm512_add_ps(sv, _mm512_maskz_loadu_ps(mask, bias + j0));
+        _mm512_mask_storeu_ps(scores.data() + g * len + j0, mask, sv);
       }
-      const __mmask16 mask = first(n);
-      __m512 sv = _mm512_mul_ps(sum16(part), sc);
-      if (bias != nullptr) sv = _mm512_add_ps(sv, _mm512_maskz_loadu_ps(mask, bias + j0));
-      _mm512_mask_storeu_ps(scores.data() + g * len + j0, mask, sv);
     }
   }
   for (int64_t g = 0; g < g_heads; ++g) {  // softmax of each head's row
@@ -539,128 +546,60 @@ void attend_one(const float* q, const T* k, const T* v, const float* bias, int64
       _mm512_mask_storeu_ps(sg + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, sg + j), inv));
     }
   }
-  // the weighted values: two heads at a time (each value row loaded once for both), even and odd keys in
-  // separate sums (independent chains)
-  for (int64_t g = 0; g < g_heads; g += 2) {
-    const bool pair = g + 1 < g_heads;
-    const float* p0 = scores.data() + g * len;
-    const float* p1 = pair ? p0 + len : p0;
-    __m512 a0[C], b0[C], a1[C], b1[C];
-    for (int c = 0; c < C; ++c) a0[c] = b0[c] = a1[c] = b1[c] = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 1 < len; j += 2) {
-      const T* ve = v + j * v_row;
-      const T* vo = ve + v_row;
-      const __m512 pe0 = _mm512_set1_ps(p0[j]), po0 = _mm512_set1_ps(p0[j + 1]);
-      const __m512 pe1 = _mm512_set1_ps(p1[j]), po1 = _mm512_set1_ps(p1[j + 1]);
+  // the weighted values, block by block: two heads at a time (each value row loaded once for both), even and
+  // odd keys in separate sums (independent chains), the sums carried in `out` from block to block
+  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+    const int64_t b1 = std::min(len, b0 + kBlock);
+    for (int64_t g = 0; g < g_heads; g += 2) {
+      const bool pair = g + 1 < g_heads;
+      const float* p0 = scores.data() + g * len;
+      const float* p1 = pair ? p0 + len : p0;
+      float* o0 = out + g * D;
+      float* o1 = pair ? o0 + D : o0;
+      __m512 a0[C], b0s[C], a1[C], b1s[C];
       for (int c = 0; c < C; ++c) {
-        const __m512 e = load16(ve + c * 16), o = load16(vo + c * 16);
-        a0[c] = _mm512_fmadd_ps(pe0, e, a0[c]);
-        b0[c] = _mm512_fmadd_ps(po0, o, b0[c]);
-        a1[c] = _mm512_fmadd_ps(pe1, e, a1[c]);
-        b1[c] = _mm512_fmadd_ps(po1, o, b1[c]);
+        a0[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o0 + c * 16);
+        a1[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(o1 + c * 16);
+        b0s[c] = b1s[c] = _mm512_setzero_ps();
+      }
+      int64_t j = b0;
+      for (; j + 1 < b1; j += 2) {
+        const T* ve = v + j * v_row;
+        const T* vo = ve + v_row;
+        const __m512 pe0 = _mm512_set1_ps(p0[j]), po0 = _mm512_set1_ps(p0[j + 1]);
+        const __m512 pe1 = _mm512_set1_ps(p1[j]), po1 = _mm512_set1_ps(p1[j + 1]);
+        for (int c = 0; c < C; ++c) {
+          const __m512 e = load16(ve + c * 16), o = load16(vo + c * 16);
+          a0[c] = _mm512_fmadd_ps(pe0, e, a0[c]);
+          b0s[c] = _mm512_fmadd_ps(po0, o, b0s[c]);
+          a1[c] = _mm512_fmadd_ps(pe1, e, a1[c]);
+          b1s[c] = _mm512_fmadd_ps(po1, o, b1s[c]);
+        }
+      }
+      if (j < b1) {
+        const T* ve = v + j * v_row;
+        const __m512 pe0 = _mm512_set1_ps(p0[j]), pe1 = _mm512_set1_ps(p1[j]);
+        for (int c = 0; c < C; ++c) {
+          const __m512 e = load16(ve + c * 16);
+          a0[c] = _mm512_fmadd_ps(pe0, e, a0[c]);
+          a1[c] = _mm512_fmadd_ps(pe1, e, a1[c]);
+        }
+      }
+      for (int c = 0; c < C; ++c) {  // (o1 is o0 for a last single head: written second, the same sums)
+        _mm512_storeu_ps(o1 + c * 16, _mm512_add_ps(a1[c], b1s[c]));
+        _mm512_storeu_ps(o0 + c * 16, _mm512_add_ps(a0[c], b0s[c]));
       }
     }
-    if (j < len) {
-      const T* ve = v + j * v_row;
-      const __m512 pe0 = _mm512_set1_ps(p0[j]), pe1 = _mm512_set1_ps(p1[j]);
-      for (int c = 0; c < C; ++c) {
-        const __m512 e = load16(ve + c * 16);
-        a0[c] = _mm512_fmadd_ps(pe0, e, a0[c]);
-        a1[c] = _mm512_fmadd_ps(pe1, e, a1[c]);
-      }
-    }
-    for (int c = 0; c < C; ++c) {
-      _mm512_storeu_ps(out + g * D + c * 16, _mm512_add_ps(a0[c], b0[c]));
-      if (pair) _mm512_storeu_ps(out + (g + 1) * D + c * 16, _mm512_add_ps(a1[c], b1[c]));
-    }
   }
 }
 
-template <typename T, int D>
-void attend(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const float* bias, int64_t bias_batch,
-            int64_t len, float scale, at::Tensor& out) {
-  const int64_t b = k.size(0), kvh = k.size(1), bias_row = k.size(2), g_heads = qf.size(1) / kvh;
-  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
-  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
-  const float* qp = qf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, b * kvh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = item / kvh, head = item % kvh;
-      const int64_t q_at = (row * qf.size(1) + head * g_heads) * D;
-      attend_one<T, D>(qp + q_at, kp + row * k.stride(0) + head * k.stride(1), vp + row * v.stride(0) + head * v.stride(1),
-                       bias != nullptr ? bias + (bias_batch == 1 ? 0 : row) * bias_row : nullptr, g_heads, len,
-                       k.stride(2), v.stride(2), scale, op + q_at, scores);
-    }
-  });
-}
-
-template <typename T>
-void attend_sized(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const float* bias,
-                  int64_t bias_batch, int64_t len, float scale, at::Tensor& out) {
-  if (k.size(3) == 64) {
-    attend<T, 64>(qf, k, v, bias, bias_batch, len, scale, out);
-  } else {
-    attend<T, 128>(qf, k, v, bias, bias_batch, len, scale, out);
+// what attention_of_one (cpu_kernels_common.h) calls
+struct Attention {
+  template <typename T, int D, typename... A>
+  static void one(A&&... a) {
+    attend_one<T, D>(std::forward<A>(a)...);
   }
-}
-
-at::Tensor attention_of_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& length_in) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
-              "decode_attention: q (B, H, 1, D), k and v (B, KVH, L, D)");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 &&
-                  q.size(1) % k.size(1) == 0 && k.size(2) > 0,
-              "decode_attention: k and v of one shape (B, KVH, L, D), H a multiple of KVH, L >= 1");
-  TORCH_CHECK(k.size(3) == 64 || k.size(3) == 128, "decode_attention: head size must be 64 or 128");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
-                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kHalf),
-              "decode_attention: k and v both float32, both bfloat16 or both float16");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v rows must be contiguous");
-  int64_t len = k.size(2);  // the keys attended: all, or the first `length` (a static cache's filled part)
-  if (length_in.has_value()) {
-    TORCH_CHECK(length_in->numel() == 1 && length_in->scalar_type() == at::kLong && length_in->device().is_cpu(),
-                "decode_attention: length must be one int64 on the CPU");
-    len = length_in->contiguous().data_ptr<int64_t>()[0];
-    TORCH_CHECK(len >= 1 && len <= k.size(2), "decode_attention: length ", len, " outside 1..", k.size(2));
-  }
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::Tensor bias;
-  int64_t bias_batch = 1;
-  if (bias_in.has_value()) {
-    TORCH_CHECK(bias_in->dim() == 4 && bias_in->size(1) == 1 && bias_in->size(2) == 1 && bias_in->size(3) == k.size(2) &&
-                    (bias_in->size(0) == 1 || bias_in->size(0) == k.size(0)),
-                "decode_attention: bias (B or 1, 1, 1, L)");
-    bias = bias_in->to(at::kFloat).contiguous();
-    bias_batch = bias.size(0);
-  }
-  at::Tensor out = at::empty(qf.sizes(), qf.options());
-  const float scale = 1.f / std::sqrt(static_cast<float>(k.size(3)));
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  if (k.scalar_type() == at::kFloat) {
-    attend_sized<float>(qf, k, v, bp, bias_batch, len, scale, out);
-  } else if (k.scalar_type() == at::kHalf) {
-    attend_sized<at::Half>(qf, k, v, bp, bias_batch, len, scale, out);
-  } else {
-    attend_sized<uint16_t>(qf, k, v, bp, bias_batch, len, scale, out);
-  }
-  return out.to(q.scalar_type());
-}
-
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& bias) {
-  return attention_of_one(q, k, v, bias, std::nullopt);
-}
-
-// the first `length` keys only (a tensor: a static cache's filled part). An op of its own, not an argument
-// of decode_attention: steps compiled before it existed (inductor's caches) call decode_attention with
-// its four arguments
-at::Tensor decode_attention_upto(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& length) {
-  return attention_of_one(q, k, v, bias, length);
-}
+};
 
 // -- argmax over the vocabulary -----------------------------------------------------------------------
 // torch.argmax(x, -1) of fp32 rows: the first index of the largest value, or of the first NaN (which
@@ -763,8 +702,8 @@ TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int4_to_int8", &int4_to_int8);
-  m.impl("decode_attention", &decode_attention);
-  m.impl("decode_attention_upto", &decode_attention_upto);
+  m.impl("decode_attention", &decode_attention_with<Attention>);
+  m.impl("decode_attention_upto", &decode_attention_upto_with<Attention>);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("fit_groups", &fit_groups);
 }

@@ -1,13 +1,14 @@
 // qwenlm's decoding kernels for x86 CPUs with AVX2 and FMA but without AVX-512 VNNI (qwenlm.quant.cpu_kernel
-// builds this file there instead of cpu_kernels.cpp): int4_gemv (4- and 5-bit weights), int8_gemv, argmax_rows
-// and, for loading, fit_groups, on the same weight layouts as cpu_kernels.cpp (whose header explains them),
+// builds this file there instead of cpu_kernels.cpp): int4_gemv (4- and 5-bit weights), int8_gemv,
+// decode_attention, argmax_rows and, for loading, fit_groups, on the same weight layouts as cpu_kernels.cpp (whose
+// header explains them),
 // except the fifth bits of 5-bit weights (high_bits_layout). AVX2 has no byte dot product, and its
 // maddubs (bytes to int16 pairs) would need two instructions per 32 weights for cpu_kernels.cpp's two int8
 // parts of each activation; so the activations are int16 here, x = d * round(x / d) with d = max|x| / 32512
 // per block of 32 (the same ~15 bits: 127 * 256 steps), the codes are widened to int16 by shifts and masks,
 // and madd_epi16 multiplies 16 of each per instruction into exact int32 sums. The results are those of
 // cpu_kernels.cpp up to the order of float sums (and its residual's saturation at +127/256 of a step). The
-// other operations (prompt-sized products, attention) are not built here: PyTorch's run instead
+// prompt-sized products (int8_matmul, int4_to_int8) are not built here: PyTorch's run instead
 // (cpu_kernel.provides).
 
 #include <ATen/ATen.h>
@@ -22,6 +23,8 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels_common.h"
@@ -289,6 +292,147 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return int8_gemv_with<Int8>(x, weight, scales);
 }
 
+// ---- Attention of one new token (decoding) ------------------------------------------------------------------
+// cpu_kernels.cpp's attend_one on registers of 8: the G query heads' scores against the keys (8 keys at a time,
+// in blocks read from memory once for all G heads), a softmax per head, and the weighted values, two heads at a
+// time over 32 columns at a time (8 sums in registers).
+
+// the first `count` of 8 lanes
+inline __m256i first8(int64_t count) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))), lanes);
+}
+
+// e^x for x <= 0: cpu_kernels.cpp's exp_nonpositive, 2^n built in the exponent bits (n >= -126 after the clamp)
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, at::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {  // bf16: the upper half of an fp32
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// 8 vectors -> one: lane i holds the sum of v[i]'s lanes
+inline __m256 sum8(const __m256 (&v)[8]) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half: rows 0-3, 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+template <typename T, int D>
+void attend_one(const float* q, const T* k, const T* v, const float* bias, int64_t g_heads, int64_t len,
+                int64_t k_row, int64_t v_row, float scale, float* out, std::vector<float>& scores) {
+  constexpr int C = D / 8;  // 8-float chunks of a row
+  constexpr int64_t kBlock = attend_keys<T, D>(8);
+  scores.resize(g_heads * len);
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {  // scores, block by block, 8 keys at a time per query head
+    const int64_t b1 = std::min(len, b0 + kBlock);
+    for (int64_t g = 0; g < g_heads; ++g) {
+      const float* qg = q + g * D;  // (from L1)
+      for (int64_t j0 = b0; j0 < b1; j0 += 8) {
+        const int64_t n = std::min<int64_t>(8, b1 - j0);
+        __m256 part[8];
+        for (int jj = 0; jj < 8; ++jj) {
+          const T* kj = k + (j0 + std::min<int64_t>(jj, n - 1)) * k_row;  // past the end: the last key again
+          __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(kj));
+          for (int c = 1; c < C; ++c) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + c * 8), load8(kj + c * 8), acc);
+          part[jj] = acc;
+        }
+        const __m256i mask = first8(n);
+        __m256 sv = _mm256_mul_ps(sum8(part), sc);
+        if (bias != nullptr) sv = _mm256_add_ps(sv, _mm256_maskload_ps(bias + j0, mask));
+        _mm256_maskstore_ps(scores.data() + g * len + j0, mask, sv);
+      }
+    }
+  }
+  const __m256 minus_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t g = 0; g < g_heads; ++g) {  // softmax of each head's row
+    float* sg = scores.data() + g * len;
+    __m256 top = minus_inf;
+    for (int64_t j = 0; j < len; j += 8) {
+      const __m256i mask = first8(len - j);
+      top = _mm256_max_ps(top, _mm256_blendv_ps(minus_inf, _mm256_maskload_ps(sg + j, mask), _mm256_castsi256_ps(mask)));
+    }
+    const __m256 m = _mm256_set1_ps(hmax(top));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < len; j += 8) {
+      const __m256i mask = first8(len - j);
+      const __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(_mm256_maskload_ps(sg + j, mask), m)),
+                                     _mm256_castsi256_ps(mask));
+      _mm256_maskstore_ps(sg + j, mask, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / hsum(sum));
+    for (int64_t j = 0; j < len; j += 8) {
+      const __m256i mask = first8(len - j);
+      _mm256_maskstore_ps(sg + j, mask, _mm256_mul_ps(_mm256_maskload_ps(sg + j, mask), inv));
+    }
+  }
+  // the weighted values, block by block: two heads at a time (each value row loaded once for both), 32 columns
+  // per pass, the sums carried in `out` from block to block
+  for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+    const int64_t b1 = std::min(len, b0 + kBlock);
+    for (int64_t g = 0; g < g_heads; g += 2) {
+      const bool pair = g + 1 < g_heads;
+      const float* p0 = scores.data() + g * len;
+      const float* p1 = pair ? p0 + len : p0;
+      float* o0 = out + g * D;
+      float* o1 = pair ? o0 + D : o0;
+      for (int c0 = 0; c0 < C; c0 += 4) {
+        __m256 a0[4], a1[4];
+        for (int c = 0; c < 4; ++c) {
+          a0[c] = b0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(o0 + (c0 + c) * 8);
+          a1[c] = b0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(o1 + (c0 + c) * 8);
+        }
+        for (int64_t j = b0; j < b1; ++j) {
+          const T* vj = v + j * v_row + c0 * 8;
+          const __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p1 + j);
+          for (int c = 0; c < 4; ++c) {
+            const __m256 e = load8(vj + c * 8);
+            a0[c] = _mm256_fmadd_ps(w0, e, a0[c]);
+            a1[c] = _mm256_fmadd_ps(w1, e, a1[c]);
+          }
+        }
+        for (int c = 0; c < 4; ++c) {  // (o1 is o0 for a last single head: the same sums)
+          _mm256_storeu_ps(o1 + (c0 + c) * 8, a1[c]);
+          _mm256_storeu_ps(o0 + (c0 + c) * 8, a0[c]);
+        }
+      }
+    }
+  }
+}
+
+// what attention_of_one (cpu_kernels_common.h) calls
+struct Attention {
+  template <typename T, int D, typename... A>
+  static void one(A&&... a) {
+    attend_one<T, D>(std::forward<A>(a)...);
+  }
+};
+
 // ---- argmax of logits ---------------------------------------------------------------------------------------
 // torch.argmax's answer: the first NaN where there is one, else the first maximum (two passes over the row).
 int64_t row_argmax(const float* x, int64_t n) {
@@ -387,6 +531,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_groups(const at::Tensor& w, i
 TORCH_LIBRARY(qwenlm_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor scales_zeros, Tensor? high=None) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? bias=None) -> Tensor");
+  m.def("decode_attention_upto(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor length) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("fit_groups(Tensor w, int bits, float[] steps) -> (Tensor, Tensor, Tensor)");
 }
@@ -394,6 +540,8 @@ TORCH_LIBRARY(qwenlm_cpu, m) {
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int8_gemv", &int8_gemv);
+  m.impl("decode_attention", &decode_attention_with<Attention>);
+  m.impl("decode_attention_upto", &decode_attention_upto_with<Attention>);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("fit_groups", &fit_groups);
 }

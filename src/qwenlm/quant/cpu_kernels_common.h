@@ -9,10 +9,12 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -141,6 +143,105 @@ at::Tensor int8_gemv_with(const at::Tensor& x_in, const at::Tensor& weight, cons
                  [&](int64_t row) { K::template block<M, 1>(w, s, act, k, n, row, ahead, y); });
     return out;
   });
+}
+
+// Keys (and values) per block of attend_one: kAttendBytes of rows of D elements of T, in multiples of `multiple`
+constexpr int64_t kAttendBytes = 32768;
+template <typename T, int D>
+constexpr int64_t attend_keys(int64_t multiple) {
+  const int64_t keys = kAttendBytes / (D * static_cast<int64_t>(sizeof(T)));
+  return keys < multiple ? multiple : keys / multiple * multiple;
+}
+
+// decode_attention(_upto): the checks, the bias, and the (batch row, key/value head) items over the threads,
+// each through the build's K::one<T, D>(q, k, v, bias, g_heads, len, k_row, v_row, scale, out, scores): the G
+// query heads of one key/value head (cpu_kernels.cpp explains the arithmetic)
+template <typename K, typename T, int D>
+void attend(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const float* bias, int64_t bias_batch,
+            int64_t len, float scale, at::Tensor& out) {
+  const int64_t b = k.size(0), kvh = k.size(1), bias_row = k.size(2), g_heads = qf.size(1) / kvh;
+  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, b * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / kvh, head = item % kvh;
+      const int64_t q_at = (row * qf.size(1) + head * g_heads) * D;
+      K::template one<T, D>(qp + q_at, kp + row * k.stride(0) + head * k.stride(1), vp + row * v.stride(0) + head * v.stride(1),
+                       bias != nullptr ? bias + (bias_batch == 1 ? 0 : row) * bias_row : nullptr, g_heads, len,
+                       k.stride(2), v.stride(2), scale, op + q_at, scores);
+    }
+  });
+}
+
+template <typename K, typename T>
+void attend_sized(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const float* bias,
+                  int64_t bias_batch, int64_t len, float scale, at::Tensor& out) {
+  if (k.size(3) == 64) {
+    attend<K, T, 64>(qf, k, v, bias, bias_batch, len, scale, out);
+  } else {
+    attend<K, T, 128>(qf, k, v, bias, bias_batch, len, scale, out);
+  }
+}
+
+template <typename K>
+at::Tensor attention_of_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& length_in) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+              "decode_attention: q (B, H, 1, D), k and v (B, KVH, L, D)");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 &&
+                  q.size(1) % k.size(1) == 0 && k.size(2) > 0,
+              "decode_attention: k and v of one shape (B, KVH, L, D), H a multiple of KVH, L >= 1");
+  TORCH_CHECK(k.size(3) == 64 || k.size(3) == 128, "decode_attention: head size must be 64 or 128");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
+                  (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kHalf),
+              "decode_attention: k and v both float32, both bfloat16 or both float16");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v rows must be contiguous");
+  int64_t len = k.size(2);  // the keys attended: all, or the first `length` (a static cache's filled part)
+  if (length_in.has_value()) {
+    TORCH_CHECK(length_in->numel() == 1 && length_in->scalar_type() == at::kLong && length_in->device().is_cpu(),
+                "decode_attention: length must be one int64 on the CPU");
+    len = length_in->contiguous().data_ptr<int64_t>()[0];
+    TORCH_CHECK(len >= 1 && len <= k.size(2), "decode_attention: length ", len, " outside 1..", k.size(2));
+  }
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  at::Tensor bias;
+  int64_t bias_batch = 1;
+  if (bias_in.has_value()) {
+    TORCH_CHECK(bias_in->dim() == 4 && bias_in->size(1) == 1 && bias_in->size(2) == 1 && bias_in->size(3) == k.size(2) &&
+                    (bias_in->size(0) == 1 || bias_in->size(0) == k.size(0)),
+                "decode_attention: bias (B or 1, 1, 1, L)");
+    bias = bias_in->to(at::kFloat).contiguous();
+    bias_batch = bias.size(0);
+  }
+  at::Tensor out = at::empty(qf.sizes(), qf.options());
+  const float scale = 1.f / std::sqrt(static_cast<float>(k.size(3)));
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (k.scalar_type() == at::kFloat) {
+    attend_sized<K, float>(qf, k, v, bp, bias_batch, len, scale, out);
+  } else if (k.scalar_type() == at::kHalf) {
+    attend_sized<K, at::Half>(qf, k, v, bp, bias_batch, len, scale, out);
+  } else {
+    attend_sized<K, uint16_t>(qf, k, v, bp, bias_batch, len, scale, out);
+  }
+  return out.to(q.scalar_type());
+}
+
+template <typename K>
+at::Tensor decode_attention_with(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& bias) {
+  return attention_of_one<K>(q, k, v, bias, std::nullopt);
+}
+
+// the first `length` keys only (a tensor: a static cache's filled part). An op of its own, not an argument
+// of decode_attention: steps compiled before it existed (inductor's caches) call decode_attention with
+// its four arguments
+template <typename K>
+at::Tensor decode_attention_upto_with(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& length) {
+  return attention_of_one<K>(q, k, v, bias, length);
 }
 
 // A group's fitted scale and offset and the step offset that won (fit_groups)

@@ -38,13 +38,14 @@ def main() -> None:
     for length in (int(n) for n in args.lengths.split(",")):
         g = torch.Generator().manual_seed(length)
         qs = [torch.randn(1, HEADS, 1, HEAD_DIM, generator=g) for _ in range(LAYERS)]
-        caches = [(torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g).to(dtype),
-                   torch.randn(1, KV_HEADS, length, HEAD_DIM, generator=g).to(dtype)) for _ in range(LAYERS)]  # fmt: skip
+        shape = (1, KV_HEADS, length, HEAD_DIM)
+        caches = [(torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype))
+                  for _ in range(LAYERS)]  # fmt: skip
         bias = torch.zeros(1, 1, 1, length)
         runs = {
-            "qwenlm": lambda q, k, v: cpu_kernel.decode_attention(q, k, v, bias),
+            "qwenlm": lambda q, k, v, bias=bias: cpu_kernel.decode_attention(q, k, v, bias),
             # the model's path without the kernel: the cache cast to the queries' dtype, then SDPA
-            "pytorch": lambda q, k, v: single_query_grouped(q, k.float(), v.float(), bias),
+            "pytorch": lambda q, k, v, bias=bias: single_query_grouped(q, k.float(), v.float(), bias),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
         with torch.inference_mode():

@@ -323,8 +323,13 @@ def test_a_build_named_by_the_environment():
         assert status.startswith("this CPU lacks avx512") and status.endswith("(the avx512 build's flags)")
 
 
-AVX2_SUITES = ["tests/test_cpu_kernel.py", "tests/test_decode_attention.py", "tests/test_gguf_int4.py",
-               "tests/test_kv_cache_dtype.py", "tests/test_quant.py"]
+AVX2_SUITES = [
+    "tests/test_cpu_kernel.py",
+    "tests/test_decode_attention.py",
+    "tests/test_gguf_int4.py",
+    "tests/test_kv_cache_dtype.py",
+    "tests/test_quant.py",
+]
 
 
 @pytest.mark.skipif(cpu_kernel.isa() != "avx512", reason="the AVX-512 build is not the one loaded: this run tests "

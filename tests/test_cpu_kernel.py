@@ -96,11 +96,11 @@ def test_close_to_the_dequantised_product_and_used_by_int4linear():
     assert layer._path == "own"
     ref = x.reshape(2, 896) @ layer.dequantize(torch.float32).t()
     assert ((y.reshape(2, -1) - ref).norm() / ref.norm()).item() < 2e-3  # ~15-bit activations: ~bf16 rounding
-    # from cpu_kernel.gemv_rows() rows on (5 for the AVX-512 build) PyTorch's kernel takes over; both agree
+    # from cpu_kernel.gemv_rows(4) rows on (3 for the AVX-512 build) PyTorch's kernel takes over; both agree
     x8 = torch.randn(8, 896)
     own = cpu_kernel.int4_gemv(x8, layer.qweight, layer._scales_nk)
     torch.testing.assert_close(layer(x8), own, atol=0.05, rtol=0.02)
-    assert (layer._packed is None) == (cpu_kernel.gemv_rows() == 16)  # (the AVX2 build: no PyTorch layout kept)
+    assert (layer._packed is None) == (cpu_kernel.gemv_rows(4) == 16)  # (the AVX2 build: no PyTorch layout kept)
 
 
 @needs_kernel
@@ -110,9 +110,9 @@ def test_every_decoding_batch_goes_through_the_kernel_where_the_build_says_so(mo
     calls = []
     kernel = cpu_kernel.int4_gemv
     monkeypatch.setattr(cpu_kernel, "int4_gemv", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
-    for rows in (1, 4, 5, 8, 15, 16):
+    for rows in (1, 2, 3, 4, 5, 8, 15, 16):
         layer(torch.randn(rows, 896))
-    assert calls == [r for r in (1, 4, 5, 8, 15) if r < cpu_kernel.gemv_rows()]
+    assert calls == [r for r in (1, 2, 3, 4, 5, 8, 15) if r < cpu_kernel.gemv_rows(4)]
 
 
 @needs_kernel
@@ -141,7 +141,7 @@ def test_int8_close_to_the_dequantised_product_and_used_by_int8linear(monkeypatc
         layer(torch.randn(15, 896))
         assert calls == [(2, 896), (15, 896)]
         return
-    # from cpu_kernel.gemv_rows() rows on, the int8 matrix product (the same two-part rounding, per row); both agree
+    # from cpu_kernel.gemv_rows(8) rows on, the int8 matrix product (the same two-part rounding, per row); both agree
     x8 = torch.randn(8, 896)
     own = kernel(x8, layer.weight, layer.scales) + layer.bias
     product = cpu_kernel.int8_matmul

@@ -42,7 +42,8 @@ COMMON = HERE / "cpu_kernels_common.h"  # what both builds include
 @dataclass(frozen=True)
 class Build:
     """One build of the kernels: its source, the CPU flags it needs, the compiler flags, its operations, and
-    below how many activation rows its decoding products beat the matrix products (measured per build)."""
+    below how many activation rows its int4 and its int8 decoding product beat the matrix products (measured per
+    build)."""
 
     name: str
     label: str  # "avx512" or "avx2": what isa() and the benchmarks call it
@@ -50,7 +51,8 @@ class Build:
     cpu_flags: tuple[str, ...]
     cflags: tuple[str, ...]
     ops: frozenset[str]
-    gemv_rows: int
+    int4_rows: int
+    int8_rows: int
 
 
 AVX512 = Build("qwenlm_cpu_kernels", "avx512", HERE / "cpu_kernels.cpp",
@@ -58,16 +60,17 @@ AVX512 = Build("qwenlm_cpu_kernels", "avx512", HERE / "cpu_kernels.cpp",
                ("-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-ffp-contract=off"),
                frozenset({"int4_gemv", "int8_gemv", "int8_matmul", "int4_to_int8", "decode_attention",
                           "decode_attention_upto", "argmax_rows", "fit_groups"}),
-               # at 4 rows int8_gemv was 1.5x the int8 matrix product and int4_gemv even with PyTorch's kernel
-               # (benchmarks/RESULTS.md): batches of 5 or more go to those
-               5)  # fmt: skip
+               # at 4 rows int4_gemv was even with PyTorch's int4 kernel on a Zen 4 and 0.67x on a Zen 5, at 2 rows
+               # 1.3x: batches of 3 or more go to PyTorch's; int8_gemv at 4 rows 1.5x the int8 matrix product on the
+               # Zen 4, 0.9x on the Zen 5: to 4 rows through it (benchmarks/RESULTS.md)
+               3, 5)  # fmt: skip
 AVX2 = Build("qwenlm_cpu_kernels_avx2", "avx2", HERE / "cpu_kernels_avx2.cpp", ("avx2", "fma", "f16c"),
              ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"),
              frozenset({"int4_gemv", "int8_gemv", "decode_attention", "decode_attention_upto", "argmax_rows",
                         "fit_groups"}),
-             # at 8 rows int4_gemv was 1.4x PyTorch's int4 kernel (benchmarks/RESULTS.md); it takes every
+             # at 8 rows int4_gemv was 1.4x PyTorch's int4 kernel (benchmarks/RESULTS.md); both take every
              # decoding batch (below linear.PREFILL_ROWS)
-             16)  # fmt: skip
+             16, 16)  # fmt: skip
 BUILDS = (AVX512, AVX2)  # the first whose CPU flags this CPU has
 SOURCES = (COMMON, AVX512.source, AVX2.source)  # (what a compiled decoding step's key hashes)
 
@@ -195,9 +198,13 @@ def provides(op: str) -> bool:
     return available() and op in _state["build"].ops  # type: ignore[union-attr]
 
 
-def gemv_rows() -> int:
-    """Batches of fewer rows than this go through ``int4_gemv`` / ``int8_gemv`` (0 where no build is loaded)."""
-    return _state["build"].gemv_rows if available() else 0  # type: ignore[union-attr]
+def gemv_rows(bits: int) -> int:
+    """Batches of fewer rows than this go through ``int4_gemv`` (``bits`` 4: int4 and 5-bit weights) or
+    ``int8_gemv`` (8); 0 where no build is loaded."""
+    if not available():
+        return 0
+    build: Build = _state["build"]  # type: ignore[assignment]
+    return build.int4_rows if bits == 4 else build.int8_rows
 
 
 def isa() -> str | None:

@@ -180,15 +180,20 @@ void rows(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activa
     for (int m = 0; m < M; ++m) y[m * n + row0 + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// weight rows per call of rows<M, R>: 4, 2 or 1 as the M activation rows' accumulators fill the registers; 2
-// for one activation row, where more rows at once (more interleaved streams of weights) read slower
+// Weight rows per call of rows<M, R> (int4) and rows8<M, R> (int8) for M activation rows. Few: more rows at once
+// (more interleaved streams of weights) read slower, most of all for one activation row. On a Zen 5, over every
+// layer of the demo model, one row instead of two was 1.05x (int4) and 1.3x (int8) at batch 1, and two instead of
+// four 1.2-1.3x for int4 at M = 2, where int8 kept four (benchmarks/RESULTS.md); on a Zen 4 one row and two were
+// even for int4.
 template <int M>
-constexpr int kRowsAtOnce = M == 1 ? 2 : M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+constexpr int kInt4Rows = M == 1 ? 1 : M <= 4 ? 2 : 1;
+template <int M>
+constexpr int kInt8Rows = M == 1 ? 1 : M <= 2 ? 4 : (M <= 4 ? 2 : 1);
 
 // what int4_gemv_with (cpu_kernels_common.h) calls
 struct Int4 {
   template <int M>
-  static constexpr int kRows = kRowsAtOnce<M>;
+  static constexpr int kRows = kInt4Rows<M>;
   static Activations activations(const float* x, int64_t m_rows, int64_t k, float offset) {
     return prepare(x, m_rows, k, offset);
   }
@@ -287,7 +292,7 @@ void rows8(const int8_t* w, const uint16_t* scales, const Activations8& act, int
 // what int8_gemv_with (cpu_kernels_common.h) calls
 struct Int8 {
   template <int M>
-  static constexpr int kRows = kRowsAtOnce<M>;
+  static constexpr int kRows = kInt8Rows<M>;
   static Activations8 activations(const float* x, int64_t m_rows, int64_t k) { return prepare8(x, m_rows, k); }
   template <int M, int R, typename... A>
   static void block(const A&... a) {

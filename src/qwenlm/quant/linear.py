@@ -125,7 +125,7 @@ class Int8Linear(nn.Module):
         """Choose the decoding kernel for the weights' device now, not inside the first compiled pass:
         qwenlm's own kernel on CPUs it builds for (``cpu_kernel``: AVX-512 VNNI or AVX2), else PyTorch's."""
         self._own = self.weight.device.type == "cpu" and self.in_features % 32 == 0 and cpu_kernel.available()
-        self._gemv_rows = cpu_kernel.gemv_rows() if self._own else 0  # batches below it go through int8_gemv
+        self._gemv_rows = cpu_kernel.gemv_rows(8) if self._own else 0  # batches below it go through int8_gemv
 
     def _apply(self, fn, recurse=True):  # moved or cast: choose again for the new device
         self._own = None
@@ -298,7 +298,7 @@ class Int4Linear(nn.Module):
             self._path = "own"
             # batches below _gemv_rows through int4_gemv; larger ones (to PREFILL_ROWS) through PyTorch's kernel
             # where the build says it is faster there and the weights fit it
-            self._gemv_rows = cpu_kernel.gemv_rows() if packed_fits else PREFILL_ROWS
+            self._gemv_rows = cpu_kernel.gemv_rows(4) if packed_fits else PREFILL_ROWS
             if self._gemv_rows < PREFILL_ROWS:
                 self._kernel_weight()
         elif packed_fits and (device == "cpu" or self._cuda_k_tiles()):

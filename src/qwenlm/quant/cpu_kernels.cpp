@@ -203,11 +203,6 @@ struct Int4 {
   }
 };
 
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
-                     const std::optional<at::Tensor>& high) {
-  return int4_gemv_with<Int4>(x, packed, sz, high);
-}
-
 // int8 weights: Int8Linear's own, (N, K) int8 in -127..127 with one bf16 scale per output row. The activations
 // are split in two int8 parts per block of 32 as above; a 64-byte line of weights covers two blocks, dpbusd's
 // lanes 0-7 the first and 8-15 the second, in the natural order. dpbusd multiplies unsigned by signed bytes:
@@ -299,10 +294,6 @@ struct Int8 {
     rows8<M, R>(a...);
   }
 };
-
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
-  return int8_gemv_with<Int8>(x, weight, scales);
-}
 
 inline __m512 bf16_to_ps(uint16_t h) { return _mm512_set1_ps(bf16_to_float(h)); }
 
@@ -703,8 +694,8 @@ TORCH_LIBRARY(qwenlm_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
-  m.impl("int4_gemv", &int4_gemv);
-  m.impl("int8_gemv", &int8_gemv);
+  m.impl("int4_gemv", &int4_gemv_with<Int4>);
+  m.impl("int8_gemv", &int8_gemv_with<Int8>);
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int4_to_int8", &int4_to_int8);
   m.impl("decode_attention", &decode_attention_with<Attention>);

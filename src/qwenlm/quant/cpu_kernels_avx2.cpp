@@ -222,11 +222,6 @@ struct Int4 {
   }
 };
 
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz,
-                     const std::optional<at::Tensor>& high) {
-  return int4_gemv_with<Int4>(x, packed, sz, high);
-}
-
 // ---- int8 weights -----------------------------------------------------------------------------------------
 // (N, K) int8 in -127..127, one bf16 scale per row; each block of 32 weights widened to int16 (two registers)
 // and multiplied by the int16 activations in their natural order.
@@ -287,10 +282,6 @@ struct Int8 {
     rows8<M, R>(a...);
   }
 };
-
-at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
-  return int8_gemv_with<Int8>(x, weight, scales);
-}
 
 // ---- Attention of one new token (decoding) ------------------------------------------------------------------
 // cpu_kernels.cpp's attend_one on registers of 8: the G query heads' scores against the keys (8 keys at a time,
@@ -538,8 +529,8 @@ TORCH_LIBRARY(qwenlm_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
-  m.impl("int4_gemv", &int4_gemv);
-  m.impl("int8_gemv", &int8_gemv);
+  m.impl("int4_gemv", &int4_gemv_with<Int4>);
+  m.impl("int8_gemv", &int8_gemv_with<Int8>);
   m.impl("decode_attention", &decode_attention_with<Attention>);
   m.impl("decode_attention_upto", &decode_attention_upto_with<Attention>);
   m.impl("argmax_rows", &argmax_rows);

@@ -148,7 +148,7 @@ def test_quantize_while_loading(ckpt):
     assert r.returncode == 0, r.stderr
     assert "(int4 linears, torch.float32, cpu)" in r.stderr and r.stdout.startswith("Hello")
     bad = run("generate", "--model", str(ckpt), "Hello", "--quantize", "3")
-    assert bad.returncode == 2 and "invalid choice: 3" in bad.stderr
+    assert bad.returncode == 2 and "invalid choice: '3'" in bad.stderr
 
 
 def test_loading_prepares_the_quantised_kernels_before_the_first_token(ckpt):
@@ -169,3 +169,25 @@ def test_the_cache_dtype_is_chosen_on_the_command_line(ckpt):
     assert model.kv_cache_dtype == torch.bfloat16 and model.new_cache().dtype == torch.bfloat16
     r = run("generate", "--model", str(ckpt), "Hello", "--max-new-tokens", "4", "--kv-dtype", "bfloat16")
     assert r.returncode == 0 and r.stdout.startswith("Hello"), r.stderr
+
+
+def test_a_gguf_file_runs_at_its_own_precision_unless_told_otherwise(tmp_path):
+    from qwenlm.cli import _quantize, build_parser
+    from tests.tiny_gguf import Q, TinySpec, write_tiny_gguf
+
+    path = tmp_path / "tiny-q4.gguf"
+    write_tiny_gguf(path, TinySpec(types={"attn_q.weight": Q.Q4_0, "attn_k.weight": Q.Q4_0,
+                                          "attn_v.weight": Q.Q4_0, "ffn_down.weight": Q.Q4_1}))  # fmt: skip
+    assert _quantize(build_parser().parse_args(["generate", "--model", str(path), "Hi"]), path) == "gguf"
+    assert _quantize(build_parser().parse_args(["generate", "--model", str(tmp_path), "Hi"]), tmp_path) is None
+    for flag, expected in (("none", None), ("4", 4), ("gguf", "gguf")):
+        args = build_parser().parse_args(["generate", "--model", str(path), "--quantize", flag, "Hi"])
+        assert _quantize(args, path) == expected
+    r = run("generate", "--model", str(path), "Hello", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "(int4/int8 linears, torch.float32, cpu)" in r.stderr and r.stdout.startswith("Hello")
+    r = run("quantize", str(path), str(tmp_path / "own"), "--bits", "gguf")
+    assert r.returncode == 0, r.stderr
+    assert "int4/int5/int8 (a GGUF's own precision)" in r.stderr
+    saved = json.loads((tmp_path / "own" / "config.json").read_text())["quantization"]
+    assert saved["bits"] == 4 and "lm_head" in saved["eight_bit"]

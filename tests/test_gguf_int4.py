@@ -175,3 +175,76 @@ def test_loading_at_int4_skips_dequantising_what_it_keeps_and_gives_the_same_mod
     assert full.state_dict().keys() == model.state_dict().keys()
     for name, tensor in full.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def _linears(model) -> dict[str, type]:
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Int4Linear, Int8Linear))}
+
+
+def test_gguf_precision_keeps_the_4_and_5_bit_codes_and_makes_the_other_layers_int8(tiny_q5, tmp_path):
+    from qwenlm.quant.saving import quantize_checkpoint
+
+    grids = read_gguf_int4(tiny_q5)
+    fp32 = QwenForCausalLM.from_pretrained(tiny_q5, dtype="float32", device="cpu")
+    model = load_model(tiny_q5, dtype="float32", device="cpu", quantize="gguf")
+    kinds = _linears(model)
+    others = sorted(set(kinds) - set(grids))
+    # the c_attn with an 8-bit v and the Q8_0 LM head, as in the demo model, and the float attention outputs
+    assert others == ["lm_head", "transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_attn",
+                      "transformer.h.1.attn.c_proj"]  # fmt: skip
+    assert all(kinds[n] is Int8Linear for n in others) and model.quantization["eight_bit"] == others
+    assert {n for n in grids if kinds[n] is Int5Linear} == set(model.quantization["five_bit"])
+    for name, grid in grids.items():
+        assert kinds[name] is (Int5Linear if grid.bits == 5 else Int4Linear)
+        assert torch.equal(model.get_submodule(name)._values(), grid.codes)
+    for name in others:  # int8 per channel of the dequantised weights
+        expected = Int8Linear.from_linear(fp32.get_submodule(name))
+        assert torch.equal(model.get_submodule(name).weight, expected.weight)
+    # closer to the file's own weights than int4, which rounds those layers to 4 bits
+    int4 = load_model(tiny_q5, dtype="float32", device="cpu", quantize=4)
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        exact, mixed, four = fp32(ids).logits, model(ids).logits, int4(ids).logits
+    assert (mixed - exact).abs().max() < 0.5 * (four - exact).abs().max()
+    # saved and loaded: the same layers, bit for bit
+    saved = quantize_checkpoint(tiny_q5, tmp_path / "q5-gguf", bits="gguf")
+    loaded = load_model(saved, dtype="float32", device="cpu")
+    assert _linears(loaded) == kinds and loaded.quantization["eight_bit"] == others
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids).logits, mixed, atol=0, rtol=0)
+
+
+def test_gguf_precision_is_for_gguf_files(tmp_path):
+    from qwenlm.bench import resolve_precision
+    from qwenlm.quant.saving import quantization_of, quantize_checkpoint
+    from tests.builders import tiny_checkpoint
+
+    folder = tiny_checkpoint(tmp_path / "tiny")
+    with pytest.raises(ValueError, match=r"quantize='gguf' keeps the precision of a \.gguf file's tensors; .*tiny"):
+        load_model(folder, quantize="gguf")
+    with pytest.raises(ValueError, match="precision 'gguf' .* choose int8 or int4"):
+        resolve_precision("gguf", "cpu", folder)
+    with pytest.raises(ValueError, match="groups of 32; got group_size=64"):
+        quantize_checkpoint(folder, tmp_path / "out", bits="gguf", group_size=64)
+    with pytest.raises(ValueError, match="eight_bit is for bits 4, got bits 8"):
+        quantization_of({"quantization": {"bits": 8, "eight_bit": ["lm_head"]}})
+    with pytest.raises(ValueError, match="others .* must be 8 with bits 4, got 4"):
+        quantize(QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu"), 8, others=4)
+
+
+def test_auto_precision_of_a_gguf_on_cpu_is_its_own(tiny_q5, tmp_path):
+    from qwenlm.bench import resolve_precision
+
+    assert resolve_precision("auto", "cpu", tiny_q5) == "gguf"
+    assert resolve_precision("auto", "cpu", tmp_path) == "int8"  # a checkpoint folder
+    assert resolve_precision("auto", "cuda", tiny_q5) == "bf16"
+
+
+def test_a_saved_layer_list_that_does_not_fit_the_model_is_refused(tiny_q5):
+    from qwenlm.quant import quantized_structure
+
+    model = QwenForCausalLM.from_pretrained(tiny_q5, dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="quantization.eight_bit names layers the model does not have: nope"):
+        quantized_structure(model, 4, eight_bit=["nope"])
+    with pytest.raises(ValueError, match="lm_head is in both five_bit and eight_bit"):
+        quantized_structure(model, 4, five_bit=["lm_head"], eight_bit=["lm_head"])

@@ -202,7 +202,7 @@ def test_quantise_while_loading_equals_quantising_the_loaded_model(ckpt, bits):
 
 
 def test_quantise_while_loading_checks_bits(ckpt):
-    with pytest.raises(ValueError, match="quantize must be 8 or 4 .bits., got 3"):
+    with pytest.raises(ValueError, match="quantize must be 8 or 4 .bits. or .gguf., got 3"):
         load_model(ckpt, quantize=3)
 
 

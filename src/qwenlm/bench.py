@@ -15,7 +15,7 @@ from .model import QwenForCausalLM
 from .quant import cpu_kernel
 from .quant.cpu_kernel import argmax
 
-PRECISIONS = ("fp32", "bf16", "int8", "int4", "auto")
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "gguf", "auto")
 
 
 def peak_rss_mb() -> float:
@@ -48,35 +48,46 @@ def read_bandwidth_gb_s(gib: float = 2.0, runs: int = 5) -> float:
     return buf.numel() * 4 / best / 1e9
 
 
-QUANT_BITS = {"int8": 8, "int4": 4}
+QUANT_BITS = {"int8": 8, "int4": 4, "gguf": "gguf"}  # precision -> load_model(quantize=)
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """Check ``precision``; ``auto`` becomes int8 weights on CPU, bf16 on GPU."""
+def _is_gguf(source: str | Path | None) -> bool:
+    return source is not None and Path(source).is_file() and Path(source).suffix == ".gguf"
+
+
+def resolve_precision(precision: str, device: torch.device | str, source: str | Path | None = None) -> str:
+    """Check ``precision``; ``auto`` becomes bf16 on GPU and, on CPU, ``gguf`` for a GGUF file ``source``
+    (its 4- and 5-bit tensors' codes, int8 for the rest), else int8 weights. ``gguf`` needs a GGUF file."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "int8" if torch.device(device).type == "cpu" else "bf16"
+        if torch.device(device).type != "cpu":
+            return "bf16"
+        return "gguf" if _is_gguf(source) else "int8"
+    if precision == "gguf" and not _is_gguf(source):
+        raise ValueError(f"precision 'gguf' keeps the precision of a .gguf file's tensors; {source} is not a GGUF "
+                         "file: choose int8 or int4")  # fmt: skip
     return precision
 
 
 def with_precision(model: QwenForCausalLM, precision: str, source: str | Path | None = None) -> QwenForCausalLM:
     """The model at ``precision`` (see ``resolve_precision``). ``source``: the checkpoint the model came
     from; a GGUF file's 4-bit tensors then become int4 layers without a second rounding."""
-    precision = resolve_precision(precision, model.device)
+    precision = resolve_precision(precision, model.device, source)
     if precision == "fp32":
         return model.float()
     if precision == "bf16":
         return model.to(torch.bfloat16)
-    from .quant import gguf_grids, quantize
+    from .quant import GGUF, gguf_grids, quantize
 
-    bits = QUANT_BITS[precision]
-    return quantize(model, bits, grids=gguf_grids(source, bits) if source is not None else None)
+    bits, others = (4, 8) if precision == GGUF else (QUANT_BITS[precision], None)
+    return quantize(model, bits, grids=gguf_grids(source, bits) if source is not None else None, others=others)
 
 
 def load_at_precision(path: str | Path, precision: str, device: str = "cpu") -> QwenForCausalLM:
-    """Load ``path`` at ``precision``; int8/int4 are quantised while loading (peak memory ~ quantised size)."""
-    precision = resolve_precision(precision, device)
+    """Load ``path`` at ``precision``; int8/int4/gguf are quantised while loading (peak memory ~ quantised
+    size)."""
+    precision = resolve_precision(precision, device, path)
     if precision in QUANT_BITS:
         return load_model(path, dtype="float32", device=device, quantize=QUANT_BITS[precision])
     return with_precision(load_model(path, dtype="float32", device=device), precision)
@@ -175,6 +186,8 @@ def bench_checkpoint(path: str | Path, precision: str = "auto", device: str = "c
     facts = describe(model)
     quant = getattr(model, "quantization", None)
     precision_name = f"int{quant['bits']}" if quant else str(model.dtype).replace("torch.", "")
+    if resolve_precision(precision, model.device, path) == "gguf":
+        precision_name = "gguf"
     out.update(precision=precision_name, kv_dtype=facts["kv_dtype"], load_s=load_s,
                weight_mb=facts["weight_bytes"] / 2**20, model=os.path.basename(str(path)),
                device=str(model.device), cpu_kernels=cpu_kernel.isa())  # fmt: skip

@@ -235,7 +235,7 @@ def load_model(
     ntk: bool | None = None,
     logn: bool | None = None,
     window: Any = None,
-    quantize: int | None = None,
+    quantize: int | str | None = None,
 ) -> QwenForCausalLM:
     """Load a model from a checkpoint folder (official Qwen v1 or HF Qwen2 layout, safetensors or
     ``pytorch_model*.bin``, single or sharded) or a ``.gguf`` file.
@@ -244,8 +244,10 @@ def load_model(
     window-attention schedule (experimental; a ``longctx.WindowSchedule`` or its spec, e.g. ``"default"``).
     ``quantize`` (8 or 4): weight-only quantisation of each linear layer as soon as it is read, so the
     full-precision model never exists at once (``dtype`` is then the precision of the rest: embedding,
-    norms, activations); a GGUF file's 4-bit tensors keep their codes. A checkpoint saved quantised
-    (``qwenlm quantize``) loads as it is.
+    norms, activations); a GGUF file's 4-bit tensors keep their codes. ``quantize="gguf"`` (GGUF files
+    only): each linear layer about as precise as the file stores it: 4- and 5-bit tensors keep their codes,
+    the others (Q6_K, Q8_0, floats) become int8 per channel instead of being rounded to 4 bits. A
+    checkpoint saved quantised (``qwenlm quantize``) loads as it is.
     """
     path = Path(path)
     device = resolve_device(device)
@@ -279,17 +281,23 @@ def load_model(
     return model
 
 
-def _quantizer(path: Path, bits: int | None) -> tuple[Any, Any]:
+def _quantizer(path: Path, bits: int | str | None) -> tuple[Any, Any]:
     """What builds the load-time ``quant.Quantizer`` for a model (or None), and the 4-bit grids it takes over
     from a GGUF file (``gguf.Int4Grids``, or None)."""
     if bits is None:
         return None, None
-    from .quant import Quantizer, gguf_grids
+    from .quant import GGUF, Quantizer, gguf_grids
 
-    if bits not in (4, 8):
-        raise ValueError(f"quantize must be 8 or 4 (bits), got {bits!r}")
+    if bits not in (4, 8, GGUF):
+        raise ValueError(f"quantize must be 8 or 4 (bits) or {GGUF!r}, got {bits!r}")
+    others = None
+    if bits == GGUF:
+        if not (path.is_file() and path.suffix == ".gguf"):
+            raise ValueError(f"quantize={GGUF!r} keeps the precision of a .gguf file's tensors; {path} is not a "
+                             "GGUF file: choose 8 or 4")  # fmt: skip
+        bits, others = 4, 8
     grids = gguf_grids(path, bits)
-    return (lambda model: Quantizer(model, bits, grids=grids)), grids
+    return (lambda model: Quantizer(model, bits, grids=grids, others=others)), grids
 
 
 def _with_overrides(config: QwenConfig, ntk: bool | None, logn: bool | None) -> QwenConfig:

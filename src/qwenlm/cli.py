@@ -41,11 +41,14 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="checkpoint folder or .gguf file (default: the demo model, see README)")  # fmt: skip
     p.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--quantize", type=int, choices=[8, 4],
-                   help="weight-only quantisation of the linear layers while loading: 8 (int8 per output channel) "
-                        "or 4 (int4 in groups of 32; a GGUF's 4- and 5-bit tensors keep their codes). Several "
-                        "times faster decoding on CPU, within a few %% of the perplexity (benchmarks/RESULTS.md); "
-                        "default: the checkpoint's own weights")  # fmt: skip
+    p.add_argument("--quantize", choices=["8", "4", "gguf", "none"],
+                   help="weight-only quantisation of the linear layers while loading: 8 (int8 per output channel), "
+                        "4 (int4 in groups of 32; a GGUF's 4- and 5-bit tensors keep their codes, its 6- and 8-bit "
+                        "ones are rounded to 4 bits: the fastest), gguf (a GGUF's 4- and 5-bit tensors keep their "
+                        "codes, the others become int8: about the file's own precision) or none (the weights as "
+                        "floats, a GGUF's dequantised). Default: gguf for a GGUF file on CPU, else none. Several "
+                        "times faster decoding on CPU than floats, within ~1 %% of their perplexity "
+                        "(benchmarks/RESULTS.md)")  # fmt: skip
     p.add_argument(
         "--ntk",
         action=argparse.BooleanOptionalAction,
@@ -91,15 +94,27 @@ def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _quantize(args: argparse.Namespace, path: Path) -> int | str | None:
+    """``--quantize`` as ``load_model`` takes it; unset: ``gguf`` for a GGUF file on CPU (its own precision,
+    several times faster than dequantised floats), else None."""
+    choice = getattr(args, "quantize", None)
+    if choice is None:
+        from .checkpoint import resolve_device
+
+        on_cpu = resolve_device(getattr(args, "device", "auto")).type == "cpu"
+        return "gguf" if on_cpu and path.is_file() and path.suffix == ".gguf" else None
+    return None if choice == "none" else int(choice) if choice.isdigit() else choice
+
+
 def _load(args: argparse.Namespace):
-    from .checkpoint import load_model, load_tokenizer
+    from .checkpoint import describe, load_model, load_tokenizer
 
     path = _resolve_model_path(args.model)
     start = time.perf_counter()
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=args.dtype, device=args.device, ntk=getattr(args, "ntk", None),
                        logn=getattr(args, "logn", None), window=getattr(args, "window", None),
-                       quantize=getattr(args, "quantize", None))  # fmt: skip
+                       quantize=_quantize(args, path))  # fmt: skip
     model.kv_cache_dtype = _kv_dtype(args)
     from .bench import fast_paths
 
@@ -107,7 +122,8 @@ def _load(args: argparse.Namespace):
     if not compile:  # quantised layers make their kernels' layouts now (~1 s for int4), not in the first token
         model.prepare_layers()  # (compile_inference prepares them itself)
     fast_paths(model, compile, getattr(args, "cuda_graphs", False))
-    weights = f"int{model.quantization['bits']} linears, " if getattr(model, "quantization", None) else ""
+    kinds = describe(model)["linear_weights"]
+    weights = f"{'/'.join(kinds)} linears, " if kinds != ["float"] else ""
     print(f"qwenlm: loaded {path.name} ({weights}{model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)  # fmt: skip
     return model, tokenizer
@@ -228,10 +244,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from .quant.gptq import read_texts
 
         texts = read_texts(args.calibration)
-    quantize_checkpoint(args.src, args.dst, bits=args.bits, group_size=args.group_size, calibration=texts,
+    bits = int(args.bits) if args.bits.isdigit() else args.bits
+    quantize_checkpoint(args.src, args.dst, bits=bits, group_size=args.group_size, calibration=texts,
                         calibration_tokens=args.calibration_tokens,
                         calibration_dtype=args.calibration_dtype)  # fmt: skip
-    print(f"qwenlm: wrote int{args.bits} checkpoint to {args.dst}", file=sys.stderr)
+    label = f"int{bits}" if isinstance(bits, int) else "int4/int5/int8 (a GGUF's own precision)"
+    print(f"qwenlm: wrote {label} checkpoint to {args.dst}", file=sys.stderr)
     return 0
 
 
@@ -325,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    p.add_argument("--bits", choices=["8", "4", "gguf"], default="8",
+                   help="8 (default), 4, or gguf (SRC a GGUF file: its 4- and 5-bit tensors keep their codes, the "
+                        "others become int8, as --quantize gguf)")  # fmt: skip
     p.add_argument("--group-size", type=int, default=32, help="input features per 4-bit group (default 32)")
     p.add_argument("--calibration", action="append", metavar="FILE",
                    help="int4: calibrate the weights on this text (GPTQ; repeatable; .txt, or .jsonl[.gz] with a "
@@ -339,7 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="prefill and decode speed at one precision (medians after a warm-up)")
     p.add_argument("--model", "-m", help="checkpoint folder or .gguf file (default: the demo model)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8", "int4", "auto"], default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8", "int4", "gguf", "auto"], default="auto",
+                   help="auto (default): bf16 on a GPU; on CPU gguf for a GGUF file (its 4- and 5-bit codes, int8 "
+                        "for the rest), else int8")  # fmt: skip
     _add_kv_dtype_arg(p)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)

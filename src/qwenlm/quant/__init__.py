@@ -11,7 +11,18 @@ from torch import nn
 
 from .linear import Int4Linear, Int5Linear, Int8Linear
 
-__all__ = ["Int4Linear", "Int5Linear", "Int8Linear", "Quantizer", "gguf_grids", "quantize", "quantized_structure"]
+__all__ = [
+    "GGUF",
+    "Int4Linear",
+    "Int5Linear",
+    "Int8Linear",
+    "Quantizer",
+    "gguf_grids",
+    "quantize",
+    "quantized_structure",
+]
+
+GGUF = "gguf"  # load_model(quantize=GGUF): each linear layer about as precise as its GGUF tensor (Quantizer, others=8)
 
 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, str]]:
@@ -36,11 +47,19 @@ class Quantizer:
     (GGUF Q5_0, Q5_1) become ``Int5Linear`` layers, listed in ``model.quantization["five_bit"]``: rounding
     them to 4 bits would lose a bit that the checkpoint has (+1.5 % perplexity for each MLP projection of the
     demo model, benchmarks/RESULTS.md).
+
+    ``others=8`` (int4 only): the layers without a grid become ``Int8Linear`` (per channel) instead of being
+    rounded to 4 bits, listed in ``model.quantization["eight_bit"]``: with a GGUF's grids, each layer keeps
+    about the bits its file gives it (its 6- and 8-bit tensors: Q6_K, Q8_0), ``load_model(quantize="gguf")``.
     """
 
-    def __init__(self, model: nn.Module, bits: int, group_size: int = 32, grids: dict[str, Any] | None = None):
+    def __init__(self, model: nn.Module, bits: int, group_size: int = 32, grids: dict[str, Any] | None = None,
+                 others: int | None = None):  # fmt: skip
         _check(bits)
+        if others not in (None, bits) and not (bits == 4 and others == 8):
+            raise ValueError(f"others (the bits of layers without a 4-bit grid) must be 8 with bits 4, got {others}")
         self.bits, self.group_size = bits, group_size
+        self.others = others or bits
         self.grids = grids if bits == 4 and group_size == 32 else None
         tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
         # the tied head shares the embedding matrix; quantising it would untie them
@@ -73,8 +92,10 @@ class Quantizer:
                 self.quantization["five_bit"] = sorted([*self.quantization.get("five_bit", []), layer])
         elif fit is not None:
             q = fit(linear)
-        elif self.bits == 8:
+        elif self.others == 8:
             q = Int8Linear.from_linear(linear)
+            if self.bits == 4:
+                self.quantization["eight_bit"] = sorted([*self.quantization.get("eight_bit", []), layer])
         else:
             q = Int4Linear.from_linear(linear, self.group_size)
         parent, name = self.pending.pop(layer)
@@ -86,11 +107,12 @@ class Quantizer:
         return getattr(parent, name)
 
 
-def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, grids: dict[str, Any] | None = None) -> nn.Module:
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 32, grids: dict[str, Any] | None = None,
+             others: int | None = None) -> nn.Module:  # fmt: skip
     """Quantise ``model`` in place (weight-only int8 per channel, or int4 in groups) and return it; ``grids``
-    as for ``Quantizer``. To quantise while loading (never holding the full-precision model), use
-    ``load_model(path, quantize=bits)``."""
-    q = Quantizer(model, bits, group_size, grids)
+    and ``others`` as for ``Quantizer``. To quantise while loading (never holding the full-precision model),
+    use ``load_model(path, quantize=bits)``."""
+    q = Quantizer(model, bits, group_size, grids, others)
     for layer in list(q.pending):
         q.swap(layer)
     return model
@@ -107,20 +129,24 @@ def gguf_grids(path: str | Path, bits: int, group_size: int = 32) -> dict[str, A
     return read_gguf_int4(path)
 
 
-def quantized_structure(model: nn.Module, bits: int, group_size: int = 32, five_bit: list[str] = ()) -> nn.Module:
+def quantized_structure(model: nn.Module, bits: int, group_size: int = 32, five_bit: list[str] = (),
+                        eight_bit: list[str] = ()) -> nn.Module:  # fmt: skip
     """Swap in empty quantised linears (same device as the model, e.g. meta) to load saved weights into;
-    ``five_bit``: the layers saved as ``Int5Linear``."""
+    ``five_bit`` / ``eight_bit``: the layers of an int4 model saved as ``Int5Linear`` / ``Int8Linear``."""
     q = Quantizer(model, bits, group_size)
-    if five_bit:
-        unknown = sorted(set(five_bit) - set(q.pending))
+    for key, layers in (("five_bit", five_bit), ("eight_bit", eight_bit)):
+        unknown = sorted(set(layers) - set(q.pending))
         if unknown:
-            raise ValueError(f"quantization.five_bit names layers the model does not have: {', '.join(unknown[:5])}")
-        q.quantization["five_bit"] = sorted(five_bit)
+            raise ValueError(f"quantization.{key} names layers the model does not have: {', '.join(unknown[:5])}")
+        if layers:
+            q.quantization[key] = sorted(layers)
+    if set(five_bit) & set(eight_bit):
+        raise ValueError(f"quantization: {sorted(set(five_bit) & set(eight_bit))[0]} is in both five_bit and eight_bit")
     for layer in list(q.pending):
         parent, name = q.pending.pop(layer)
         linear = getattr(parent, name)
         bias, device = linear.bias is not None, linear.weight.device
-        if bits == 8:
+        if bits == 8 or layer in eight_bit:
             empty = Int8Linear(linear.in_features, linear.out_features, bias, device=device)
         else:
             cls = Int5Linear if layer in five_bit else Int4Linear

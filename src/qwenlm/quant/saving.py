@@ -17,15 +17,17 @@ from ..convert import save_safetensors, save_tiktoken_bpe
 from ..generation.config import GENERATION_CONFIG_FILE
 from ..hf_tokenizer import save_hf_tokenizer
 from ..tokenizer import VOCAB_FILE, qwen_special_tokens
-from . import gguf_grids, quantize
+from . import GGUF, gguf_grids, quantize
 
 QUANT_KEY = "quantization"
 
 
-def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int = 8, group_size: int = 32,
+def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int | str = 8, group_size: int = 32,
                         calibration: Iterable[str] | None = None, calibration_tokens: int = 16_384,
                         calibration_dtype: str = "float32") -> Path:  # fmt: skip
     """Load ``src`` (any supported checkpoint) in fp32, quantise it and write it to the new folder ``dst``.
+    ``bits``: 8, 4, or ``"gguf"`` for a GGUF file (``load_model(quantize="gguf")``: each layer about as
+    precise as the file stores it).
 
     ``calibration`` (int4 only): texts to calibrate the 4-bit weights on (GPTQ, ``gptq.quantize_calibrated``),
     up to ``calibration_tokens`` tokens of them, with the model loaded in ``calibration_dtype`` ("bfloat16"
@@ -33,6 +35,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int = 8, group_s
     src, dst = Path(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new folder or remove it")
+    if bits == GGUF and group_size != 32:
+        raise ValueError(f"bits={GGUF!r} keeps a GGUF's groups of 32; got group_size={group_size}")
     if calibration is not None and bits != 4:
         raise ValueError(f"calibration is for --bits 4 (int8 weights lose nothing measurable), got bits={bits}")
     tokenizer = load_tokenizer(src)
@@ -77,17 +81,20 @@ def _save_tokenizer(src: Path, dst: Path, tokenizer) -> None:
     save_hf_tokenizer(tokenizer, dst, chat_template=chat_template)
 
 
-def quantization_of(config_extra: dict) -> tuple[int, int, list[str]] | None:
-    """(bits, group size, layers saved in 5 bits) of a quantised checkpoint's config, or None."""
+def quantization_of(config_extra: dict) -> tuple[int, int, list[str], list[str]] | None:
+    """(bits, group size, layers saved in 5 bits, layers saved in 8 bits) of a quantised checkpoint's config
+    (the last two: of an int4 model), or None."""
     q = config_extra.get(QUANT_KEY)
     if not q:
         return None
-    bits, group, five_bit = q.get("bits"), q.get("group_size") or 32, q.get("five_bit") or []
+    bits, group = q.get("bits"), q.get("group_size") or 32
     if bits not in (4, 8):
         raise ValueError(f"config.json: quantization bits {bits!r} is not supported (8 or 4)")
-    if five_bit and bits != 4:
-        raise ValueError(f"config.json: quantization five_bit is for bits 4, got bits {bits}")
-    return bits, group, list(five_bit)
+    wider = {key: list(q.get(key) or []) for key in ("five_bit", "eight_bit")}
+    for key, layers in wider.items():
+        if layers and bits != 4:
+            raise ValueError(f"config.json: quantization {key} is for bits 4, got bits {bits}")
+    return bits, group, wider["five_bit"], wider["eight_bit"]
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

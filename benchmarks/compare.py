@@ -2,11 +2,14 @@
 
     python benchmarks/compare.py [--runs 3] [--prompt 512] [--new 128] [--batch8-new 32] [--json OUT]
                                  [--engines qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,qwenlm-int4+torchkernel,
-                                            qwenlm-int4+compile,hf-fp32,hf-bf16,llamacpp]
+                                            qwenlm-int4+compile,qwenlm-gguf,qwenlm-gguf+compile,hf-fp32,hf-bf16,
+                                            llamacpp]
 
 Each engine runs in its own process (so peak memory is its own), on the same GGUF weights: qwenlm loads the
 GGUF, HF transformers runs its own Qwen2ForCausalLM on the weights dequantised to fp32 (cast for bf16), and
-llama.cpp (llama-cpp-python, n_threads=--threads) runs the GGUF as shipped. Medians of --runs after a warm-up.
+llama.cpp (llama-cpp-python, n_threads=--threads) runs the GGUF as shipped. ``qwenlm-gguf`` is the GGUF at its
+own precision (qwenlm's default for a GGUF on CPU: 4- and 5-bit codes kept, the other linears int8). Medians
+of --runs after a warm-up.
 ``+compile`` runs qwenlm's prefill and decode step through torch.compile (compilation time: ``warmup_s`` in the
 JSON, shorter where a decoding program was kept on disk by an earlier run: ``programs_from_disk``);
 ``+torchkernel`` decodes int4 with PyTorch's kernel instead of qwenlm's own (``quant.cpu_kernel``);
@@ -145,7 +148,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch8-new", type=int, default=32)
     ap.add_argument("--engines", default="qwenlm-fp32,qwenlm-bf16,qwenlm-int8,qwenlm-int4,qwenlm-int4+torchkernel,"
-                                         "qwenlm-int4+compile,hf-fp32,hf-bf16,llamacpp")  # fmt: skip
+                                         "qwenlm-int4+compile,qwenlm-gguf,qwenlm-gguf+compile,hf-fp32,hf-bf16,"
+                                         "llamacpp")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     ap.add_argument("--json")
     args = ap.parse_args()

@@ -73,6 +73,21 @@ def test_quantisation_error_is_small(cls, tol):
     assert err < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rounds_each_row_by_its_own_largest_weight_in_any_block_of_rows(dtype, monkeypatch):
+    monkeypatch.setattr(linear_module, "INT8_CHUNK_ELEMENTS", 3 * 64)  # 3 rows per block: 7 blocks, the last short
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 20, bias=True).to(dtype)
+    linear.weight.data[4] = 0.0  # an all-zero row keeps its tiny scale, not a division by zero
+    q = Int8Linear.from_linear(linear)
+    w = linear.weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    assert torch.equal(q.weight, torch.round(w / scales[:, None]).to(torch.int8))
+    assert torch.equal(q.scales, scales.to(torch.bfloat16))
+    assert torch.equal(q.bias, linear.bias.detach())
+    assert q.weight.abs().amax(dim=1)[torch.arange(20) != 4].eq(127).all() and not q.weight[4].any()
+
+
 @pytest.fixture(params=["kernel", "pytorch"])
 def fit_path(request):
     """Each fitting test through qwenlm's CPU kernel (where it builds) and through the PyTorch code."""

@@ -1,11 +1,12 @@
 """qwenlm's int4/int8 decoding kernel against PyTorch's on every quantised layer of the demo model, by batch rows.
 
-One process, the two alternating per round; medians of --rounds; ms per step over all layers (int4: the
+One process, the kernels alternating per round; medians of --rounds; ms per step over all layers (int4: the
 4-bit layers only, the ones PyTorch's ``_weight_int4pack_mm_for_cpu`` takes; int8: all, against
 ``_weight_int8pack_mm``), PyTorch's kernels getting bf16 activations as ``Int4Linear``/``Int8Linear`` give
-them. Which build of qwenlm's kernels runs (AVX-512 or AVX2) follows the CPU.
+them. For int8 also qwenlm's int8 product (``int8_matmul``, where the build has it), which ``Int8Linear`` takes
+from ``cpu_kernel.gemv_rows(8)`` rows on. Which build of qwenlm's kernels runs (AVX-512 or AVX2) follows the CPU.
 
-    python benchmarks/kernel_rows.py --precision int4 --rows 1,4,8
+    python benchmarks/kernel_rows.py --precision int8 --rows 1,2,3,4,8,16
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ def pytorch(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
                                                       layer.scales_and_zeros)  # fmt: skip
 
 
+def product(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return cpu_kernel.int8_matmul(x, layer.weight, layer.scales.float())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=("int4", "int8"), default="int4")
@@ -48,21 +53,26 @@ def main() -> None:
     layers = [m for m in model.modules() if type(m) is kind]  # (int4: not the 5-bit layers)
     mb = sum((m.weight if kind is Int8Linear else m.qweight).numel() for m in layers) / 1e6
     print(f"{args.precision}: {len(layers)} layers, {mb:.0f} MB of codes, qwenlm's {cpu_kernel.isa()} build")
+    runs = {"qwenlm": own, "pytorch": pytorch}
+    if kind is Int8Linear and cpu_kernel.provides("int8_matmul"):
+        runs["product"] = product
     for rows in (int(r) for r in args.rows.split(",")):
         xs = [torch.randn(rows, m.in_features) for m in layers]
-        times: dict[str, list[float]] = {"qwenlm": [], "pytorch": []}
+        times: dict[str, list[float]] = {name: [] for name in runs}
         with torch.inference_mode():
             for _ in range(args.rounds):
-                for name, run in (("qwenlm", own), ("pytorch", pytorch)):
+                for name, run in runs.items():
                     t = time.perf_counter()
                     for m, x in zip(layers, xs):
                         run(m, x)
                     times[name].append((time.perf_counter() - t) * 1e3)
-        q, p = statistics.median(times["qwenlm"]), statistics.median(times["pytorch"])
-        print(
-            f"rows {rows:2d}: qwenlm {q:7.2f} ms ({mb / q:5.1f} GB/s)   PyTorch {p:7.2f} ms ({mb / p:5.1f} GB/s)"
-            f"   PyTorch / qwenlm {p / q:.2f}"
-        )
+        ms = {name: statistics.median(t) for name, t in times.items()}
+        q, p = ms["qwenlm"], ms["pytorch"]
+        line = (f"rows {rows:2d}: qwenlm {q:7.2f} ms ({mb / q:5.1f} GB/s)   PyTorch {p:7.2f} ms ({mb / p:5.1f} GB/s)"
+                f"   PyTorch / qwenlm {p / q:.2f}")  # fmt: skip
+        if "product" in ms:
+            line += f"   qwenlm product {ms['product']:7.2f} ms (PyTorch / product {p / ms['product']:.2f})"
+        print(line)
 
 
 if __name__ == "__main__":

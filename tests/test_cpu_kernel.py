@@ -147,8 +147,9 @@ def test_int8_close_to_the_dequantised_product_and_used_by_int8linear(monkeypatc
     product = cpu_kernel.int8_matmul
     monkeypatch.setattr(cpu_kernel, "int8_matmul", lambda *a: calls.append(("matmul", *a[0].shape)) or product(*a))
     torch.testing.assert_close(layer(x8), own, atol=1e-3, rtol=1e-4)
-    layer(torch.randn(4, 896))  # four rows (batched decoding of four sequences) still go through the kernel
-    assert calls == [(2, 896), ("matmul", 8, 896), (4, 896)]
+    below = cpu_kernel.gemv_rows(8) - 1  # the largest batch that still goes through the kernel
+    layer(torch.randn(below, 896))
+    assert calls == [(2, 896), ("matmul", 8, 896), (below, 896)]
 
 
 def _two_part_rows(rows: int, k: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,6 +173,23 @@ def test_int8_matmul_exact_when_activations_are_two_int8_parts(k, n, rows):
     got = cpu_kernel.int8_matmul(x, w, scales)
     expected = (a @ w.double().t() + b @ w.double().t() / 256) / 8 * scales.double()
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_ops("int8_matmul")
+@pytest.mark.parametrize("k,n", [(33, 7), (96, 41), (896, 160), (4896, 13)])
+def test_int8_matmul_of_a_few_rows_is_the_int8_matrix_product_bit_for_bit(k, n):
+    """Up to 24 rows go through qwenlm's own loop (groups of 8 activation parts against blocks of 12 weight rows,
+    the rest one by one, a masked last line of K), more through PyTorch's int8 matrix product: every row count
+    gives, bit for bit, what those rows give in a call of 40 rows; weights over the whole int8 range."""
+    torch.manual_seed(6)
+    x = torch.randn(40, k)
+    x[1, 0], x[2] = 80.0, 0.0  # an outlier; an all-zero row
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    w[0] = -128
+    scales = torch.rand(n) + 0.5
+    many = cpu_kernel.int8_matmul(x, w, scales)
+    for rows in range(1, 25):
+        assert torch.equal(cpu_kernel.int8_matmul(x[:rows], w, scales), many[:rows]), rows
 
 
 @needs_ops("int8_matmul")

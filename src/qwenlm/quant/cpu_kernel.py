@@ -6,8 +6,9 @@ PyTorch's ``_weight_int4pack_mm_for_cpu`` reaches 9-16 GB/s on the small matrice
 ``Int8Linear``'s own layouts, prefetch ahead of the hardware, and multiply them on the VNNI byte dot-product
 unit with activations split into two int8 parts per block of 32 (llama.cpp's Q8 blocks plus their rounding
 residual: ~15 bits; int4 decoding through it scored text as well as the bf16 matmul, see
-benchmarks/RESULTS.md). For prompt-sized products it splits activation rows the same way for PyTorch's int8
-matrix product (``int8_matmul``; int4 weights go in as int8 rows, ``int4_to_int8``). And the attention of one
+benchmarks/RESULTS.md). For batches and prompts it splits activation rows the same way, for its own int8 product
+of a few rows or PyTorch's int8 matrix product (``int8_matmul``; int4 weights go in as int8 rows,
+``int4_to_int8``). And the attention of one
 new token against the KV cache (``decode_attention``), which PyTorch's CPU SDPA does 3-4x slower at these sizes,
 and the rounding of fp32 weights to 4-bit codes while loading (``fit_groups``).
 
@@ -61,9 +62,10 @@ AVX512 = Build("qwenlm_cpu_kernels", "avx512", HERE / "cpu_kernels.cpp",
                frozenset({"int4_gemv", "int8_gemv", "int8_matmul", "int4_to_int8", "decode_attention",
                           "decode_attention_upto", "argmax_rows", "fit_groups"}),
                # at 4 rows int4_gemv was even with PyTorch's int4 kernel on a Zen 4 and 0.67x on a Zen 5, at 2 rows
-               # 1.3x: batches of 3 or more go to PyTorch's; int8_gemv at 4 rows 1.5x the int8 matrix product on the
-               # Zen 4, 0.9x on the Zen 5: to 4 rows through it (benchmarks/RESULTS.md)
-               3, 5)  # fmt: skip
+               # 1.3x: batches of 3 or more go to PyTorch's; int8_gemv against int8_matmul (its own loop for few
+               # rows) on the Zen 5: 1.3x at 1 row, even at 2, 0.7-0.8x at 3-4: from 3 rows int8_matmul
+               # (benchmarks/RESULTS.md)
+               3, 3)  # fmt: skip
 AVX2 = Build("qwenlm_cpu_kernels_avx2", "avx2", HERE / "cpu_kernels_avx2.cpp", ("avx2", "fma", "f16c"),
              ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"),
              frozenset({"int4_gemv", "int8_gemv", "decode_attention", "decode_attention_upto", "argmax_rows",
@@ -234,10 +236,11 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x`` (M, K) times int8 weights (N, K) with an fp32 scale per output row (N,): (M, N) fp32, for
-    prompt-sized M. Each activation row becomes two int8 parts with one scale, x = d (xq + xr / 256) (~15
-    bits, as in the decoding kernels), and the 2M rows go through PyTorch's int8 matrix product
+    batches and prompts. Each activation row becomes two int8 parts with one scale, x = d (xq + xr / 256)
+    (~15 bits, as in the decoding kernels), and the 2M rows go through an exact int8 product: up to 24 rows
+    qwenlm's own VNNI loop (2x oneDNN's at 8 rows), more through PyTorch's int8 matrix product
     (``torch._int_mm``: oneDNN's VNNI/AMX kernels, ~4x MKL's fp32 product on 2 cores without AMX, so ~2x with
-    the two parts), 256 rows at a time."""
+    the two parts), 256 rows at a time. The same results either way."""
     return torch.ops.qwenlm_cpu.int8_matmul(x, weight, scales)
 
 

@@ -1,7 +1,8 @@
 // 4-bit and 8-bit weight x few-row activation products for x86 CPUs with AVX-512 VNNI
-// (qwenlm.quant.cpu_kernel): int4_gemv, int8_gemv; and prompt-sized products in int8 through PyTorch's int8
-// matrix product (int8_matmul, with int4 weights rounded to int8 rows by int4_to_int8; at the end); and the
-// rounding of fp32 weights to 4-bit codes while loading (fit_groups, last).
+// (qwenlm.quant.cpu_kernel): int4_gemv, int8_gemv; and batch- and prompt-sized products in int8, through an own
+// loop for a few rows and PyTorch's int8 matrix product for more (int8_matmul, with int4 weights rounded to int8
+// rows by int4_to_int8; at the end); and the rounding of fp32 weights to 4-bit codes while loading (fit_groups,
+// last).
 //
 // int4 weights: Int4Linear's own layout, (N, K/2) bytes, weight 2i of a row in the low nibble of byte i, 2i+1 in
 // the high one; per group of 32 weights a bf16 scale s and zero z, w = (q - 8) * s + z, passed as (N, G, 2).
@@ -34,6 +35,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels_common.h"
@@ -316,7 +318,7 @@ inline void group_codes(const uint8_t* codes, const uint8_t* high, int64_t g, __
   *q1 = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi))), offset);
 }
 
-// ---- Prompt-sized products in int8: at::_int_mm (oneDNN's VNNI or AMX matrix product) -------------------
+// ---- Batch- and prompt-sized products in int8: an own loop, or at::_int_mm (oneDNN's VNNI or AMX product) --
 // A matrix product can scale only whole rows and columns, so here the activations get one scale per row,
 // d = max|x| / 127, and the same two int8 parts as above: for a block of M rows, a (2M, K) int8 matrix whose
 // rows 0..M-1 are xq and rows M..2M-1 xr; one int8 product of those 2M rows with the int8 weights (exact
@@ -383,6 +385,87 @@ void combine_rows(const int32_t* prod, const float* d, const float* c, int64_t m
   });
 }
 
+// A few rows of the two-part matrix (decoding batches): qwenlm's own VNNI loop instead of at::_int_mm, which
+// reads the weights at a fraction of the bandwidth there (oneDNN is built for many rows). The same exact int32
+// sums: dpbusd multiplies unsigned by signed bytes, so the weights go in as w + 128 (one xor) and 128 times
+// each row's sum is taken off at the end (made by the same instruction against 128 in every byte). Per block
+// of kBlockRows weight rows (in L1 or L2 after the first pass), the rows of the two-part matrix kGroupRows at a
+// time, each of them against kWeightRows<M> weight rows at once: one accumulator per pair, up to 24 of them.
+// two-part rows (24 activation rows) and fewer go through this loop: over the demo model's int8 layers on a 2-core
+// Zen 5, 8 activation rows 21.6 ms against oneDNN's 46, 17 rows 41 against 54-60, 32 rows even (87 / 82-87)
+constexpr int64_t kOwnProductRows = 48;
+constexpr int64_t kGroupRows = 8;
+constexpr int64_t kBlockRows = 12;  // a multiple of every kWeightRows<M>
+template <int M>
+constexpr int kWeightRows = M <= 2 ? 6 : (M <= 6 ? 4 : 3);  // 12 to 24 accumulators
+
+// rows [row0, row0 + R) of the weights times the M rows at q: prod[i * n + row] (wrapping int32 arithmetic, exact
+// where the true sum fits); offsets: 128 times each row's sum; the rows `ahead` further on prefetched to L2.
+// Accumulator P holds activation row P / R against weight row P % R. (Written as folds over P, not as loops
+// over a two-dimensional array: GCC kept such an array on the stack, a store per product.)
+template <int M, int R, std::size_t... P>
+inline void int_rows_of(std::index_sequence<P...>, const int8_t* q, const uint32_t* offsets, int64_t k,
+                        const int8_t* w, int64_t n, int64_t row0, int64_t ahead, int32_t* prod) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t lines = (k + 63) / 64;
+  const __mmask64 tail = (k % 64) ? (__mmask64(1) << (k % 64)) - 1 : ~__mmask64(0);
+  const int8_t* wr = w + row0 * k;
+  const int8_t* wa = w + std::min(row0 + ahead, n - R) * k;
+  __m512i acc[M * R] = {((void)P, _mm512_setzero_si512())...};
+  for (int64_t t = 0; t < lines; ++t) {
+    const __mmask64 mask = t == lines - 1 ? tail : ~__mmask64(0);  // past K zeros, meeting zero activations
+    __m512i u[R];
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(wa + r * k + t * 64), _MM_HINT_T1);
+      u[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, wr + r * k + t * 64), flip);
+    }
+    ((acc[P] = _mm512_dpbusd_epi32(acc[P], u[P % R], _mm512_maskz_loadu_epi8(mask, q + (P / R) * k + t * 64))), ...);
+  }
+  ((prod[(P / R) * n + row0 + P % R] =
+        static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[P])) - offsets[P / R])), ...);
+}
+
+// weight rows [row0, row0 + count) times the M rows at q, kWeightRows<M> at a time (the rest one by one)
+template <int M>
+void int_group(const int8_t* q, const uint32_t* offsets, int64_t k, const int8_t* w, int64_t n, int64_t row0,
+               int64_t count, int64_t ahead, int32_t* prod) {
+  constexpr int R = kWeightRows<M>;
+  int64_t r = row0;
+  for (; r + R <= row0 + count; r += R)
+    int_rows_of<M, R>(std::make_index_sequence<M * R>{}, q, offsets, k, w, n, r, ahead, prod);
+  for (; r < row0 + count; ++r) int_rows_of<M, 1>(std::make_index_sequence<M>{}, q, offsets, k, w, n, r, ahead, prod);
+}
+
+// rows (even, 2 to kOwnProductRows) of q (rows, K) times the weights (N, K): (rows, N) int32 into prod
+void own_product(const int8_t* q, int64_t rows, int64_t k, const int8_t* w, int64_t n, int32_t* prod) {
+  const int64_t lines = (k + 63) / 64;
+  const __mmask64 tail = (k % 64) ? (__mmask64(1) << (k % 64)) - 1 : ~__mmask64(0);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // 128 in every byte
+  std::vector<uint32_t> offsets(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t t = 0; t < lines; ++t)
+      s = _mm512_dpbusd_epi32(s, flip, _mm512_maskz_loadu_epi8(t == lines - 1 ? tail : ~__mmask64(0), q + i * k + t * 64));
+    offsets[i] = static_cast<uint32_t>(_mm512_reduce_add_epi32(s));
+  }
+  const int64_t ahead = std::max<int64_t>(kBlockRows, kAheadBytes / k);  // rows
+  at::parallel_for(0, (n + kBlockRows - 1) / kBlockRows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t row0 = b * kBlockRows, count = std::min(kBlockRows, n - row0);
+      for (int64_t i0 = 0; i0 < rows; i0 += kGroupRows) {
+        const int64_t m = std::min(kGroupRows, rows - i0), at_ = i0 == 0 ? ahead : 0;  // the first group fetches
+        const auto args = std::make_tuple(q + i0 * k, offsets.data() + i0, k, w, n, row0, count, at_, prod + i0 * n);
+        switch (m) {
+          case 2: std::apply(int_group<2>, args); break;
+          case 4: std::apply(int_group<4>, args); break;
+          case 6: std::apply(int_group<6>, args); break;
+          default: std::apply(int_group<8>, args); break;
+        }
+      }
+    }
+  });
+}
+
 at::Tensor int8_matmul(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& scales) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "int8_matmul: weight (N, K) int8");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == weight.size(0) && scales.scalar_type() == at::kFloat,
@@ -390,7 +473,8 @@ at::Tensor int8_matmul(const at::Tensor& x_in, const at::Tensor& weight, const a
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == weight.size(1), "int8_matmul: x (M, K) against weight (N, K)");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor c = scales.contiguous();
-  const at::Tensor wt = weight.t();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor wt = w.t();
   const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
   at::Tensor out = at::empty({rows, n}, x.options());
   const int64_t block = std::min(rows, kProductRows);
@@ -399,7 +483,13 @@ at::Tensor int8_matmul(const at::Tensor& x_in, const at::Tensor& weight, const a
   for (int64_t r0 = 0; r0 < rows; r0 += block) {
     const int64_t m = std::min(block, rows - r0);
     split_rows(x.data_ptr<float>(), r0, m, k, q.data_ptr<int8_t>(), d.data_ptr<float>());
-    const at::Tensor prod = at::_int_mm(q.narrow(0, 0, 2 * m), wt).contiguous();
+    at::Tensor prod;
+    if (2 * m <= kOwnProductRows) {
+      prod = at::empty({2 * m, n}, x.options().dtype(at::kInt));
+      own_product(q.data_ptr<int8_t>(), 2 * m, k, w.data_ptr<int8_t>(), n, prod.data_ptr<int32_t>());
+    } else {
+      prod = at::_int_mm(q.narrow(0, 0, 2 * m), wt).contiguous();
+    }
     combine_rows(prod.data_ptr<int32_t>(), d.data_ptr<float>(), c.data_ptr<float>(), m, n,
                  out.data_ptr<float>() + r0 * n);
   }

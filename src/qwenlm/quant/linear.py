@@ -167,7 +167,7 @@ class Int8Linear(nn.Module):
             y = F.linear(x2, self.dequantize(x.dtype))
         elif x2.shape[0] < self._gemv_rows:
             y = cpu_kernel.int8_gemv(x2, self.weight, self.scales)  # rounds x itself: no bf16 step
-        elif self._own and cpu_kernel.provides("int8_matmul"):  # batches and prompts (2x PyTorch's at 8 rows)
+        elif self._own and cpu_kernel.provides("int8_matmul"):  # batches, prompts (1.7x PyTorch's kernel at 8 rows)
             y = cpu_kernel.int8_matmul(x2, self.weight, self.scales.float())
         elif x2.shape[0] >= PREFILL_ROWS:
             dtype = prompt_dtype(x.device)

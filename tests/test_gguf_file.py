@@ -71,6 +71,24 @@ def test_a_damaged_file_is_refused_with_the_reason(tiny_bytes, tmp_path, change,
         read_gguf_file(path)
 
 
+def test_a_file_cut_anywhere_in_its_header_is_refused(tiny_bytes, tmp_path):
+    """Cuts inside every kind of value, the vocabulary's string arrays included (read in one loop of their own)."""
+    path = tmp_path / "cut.gguf"
+    header = read_gguf_file_header_size(tiny_bytes, tmp_path)
+    for cut in range(24, header, max(1, header // 400)):
+        path.write_bytes(tiny_bytes[:cut])
+        with pytest.raises(GGUFFormatError, match="ends early|damaged|past the end"):
+            read_gguf_file(path)
+
+
+def read_gguf_file_header_size(data: bytes, tmp_path) -> int:
+    """About where the tiny file's tensor data begins: its size less the tensors' bytes (alignment padding is
+    in the header's share)."""
+    path = tmp_path / "whole.gguf"
+    path.write_bytes(data)
+    return len(data) - sum(t.data.nbytes for t in read_gguf_file(path).tensors)
+
+
 def test_a_header_is_parsed_once_per_version_of_the_file(tmp_path, monkeypatch):
     import qwenlm.gguf_file
 

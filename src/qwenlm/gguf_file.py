@@ -33,6 +33,7 @@ KEEP_HEADERS = 2  # parsed headers kept (see read_gguf_file)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")  # a string's byte count
 # ggml types whose data GGUFReader (and so gguf.quants.dequantize) hands out as typed arrays, not bytes
 _TYPED = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16, "I32": np.int32,
           "I64": np.int64}  # fmt: skip
@@ -81,6 +82,24 @@ class _Cursor:
         self.at = end
         return text
 
+    def strings(self, n: int) -> list[str]:
+        """``n`` strings in a row (a vocabulary's ~150K tokens and merges): ``string``'s loop without its calls."""
+        buf, at, size, out = self.buf, self.at, len(self.buf), []
+        length_at = _LENGTH.unpack_from
+        for _ in range(n):
+            if at + 8 > size:
+                break
+            (length,) = length_at(buf, at)
+            end = at + 8 + length
+            if end > size:
+                break
+            out.append(buf[at + 8 : end].decode("utf-8"))
+            at = end
+        self.at = at
+        if len(out) < n:  # the header ends early: the usual errors, at the string that runs past it
+            out.append(self.string())
+        return out
+
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
@@ -89,8 +108,12 @@ class _Cursor:
         if kind == _ARRAY:
             item, n = self.scalar("I"), self.scalar("Q")
             if item == _STRING:
-                return [self.string() for _ in range(n)]
+                return self.strings(n)
             if item in _NUMPY:
+                end = self.at + n * np.dtype(_NUMPY[item]).itemsize
+                if end > len(self.buf):  # (numpy's own error would not say which file or where)
+                    raise GGUFFormatError(f"the header ends early: an array of {n:,} values at byte {self.at:,} "
+                                          "runs past it")  # fmt: skip
                 array = np.frombuffer(self.buf, dtype=_NUMPY[item], count=n, offset=self.at)
                 self.at += array.nbytes
                 return array.tolist()

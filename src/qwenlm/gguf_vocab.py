@@ -78,11 +78,9 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str) -> QwenTokenizer:
     return QwenTokenizer(ranks, special, pat_str=PAT_STR, eos_token=eos, pad_token=pad, name="qwen-gguf")
 
 
-def _split_merges(merges: list[str], source: str) -> list[tuple[str, str]]:
-    pairs = []
-    for k, merge in enumerate(merges):
-        parts = merge.split(" ")
-        if len(parts) != 2:
-            raise ValueError(f"{source}: merge {k} is {merge!r}; expected two byte-level tokens separated by a space")
-        pairs.append((parts[0], parts[1]))
+def _split_merges(merges: list[str], source: str) -> list[tuple[str, ...]]:
+    pairs = [tuple(merge.split(" ")) for merge in merges]
+    if set(map(len, pairs)) - {2}:
+        k = next(k for k, parts in enumerate(pairs) if len(parts) != 2)
+        raise ValueError(f"{source}: merge {k} is {merges[k]!r}; expected two byte-level tokens separated by a space")
     return pairs

@@ -391,8 +391,9 @@ void combine_rows(const int32_t* prod, const float* d, const float* c, int64_t m
 // each row's sum is taken off at the end (made by the same instruction against 128 in every byte). Per block
 // of kBlockRows weight rows (in L1 or L2 after the first pass), the rows of the two-part matrix kGroupRows at a
 // time, each of them against kWeightRows<M> weight rows at once: one accumulator per pair, up to 24 of them.
-// two-part rows (24 activation rows) and fewer go through this loop: over the demo model's int8 layers on a 2-core
-// Zen 5, 8 activation rows 21.6 ms against oneDNN's 46, 17 rows 41 against 54-60, 32 rows even (87 / 82-87)
+// Up to kOwnProductRows two-part rows (24 activation rows) go through this loop: over the demo model's int8
+// layers on a 2-core Zen 5, 8 activation rows took 21.6 ms against oneDNN's 46, 17 rows 41 against 54-60, and
+// 32 rows were even (87 / 82-87 ms).
 constexpr int64_t kOwnProductRows = 48;
 constexpr int64_t kGroupRows = 8;
 constexpr int64_t kBlockRows = 12;  // a multiple of every kWeightRows<M>

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, cpu_kernel
-from qwenlm.quant.linear import unpack_high
+from qwenlm.quant.linear import INT4_PRODUCT_ROWS, PREFILL_ROWS, unpack_high
 from tests.kernels import needs_kernel, needs_ops
 
 
@@ -270,8 +270,9 @@ def test_int4_weights_as_int8_rows(k, n, make):
 @needs_ops("int8_matmul", "int4_to_int8")
 @pytest.mark.parametrize("make,tol", [(_int8_layer, 1e-4), (_layer, 1e-2)])
 def test_prompts_go_through_the_int8_product(make, tol, monkeypatch):
-    """Prompt-sized inputs (PREFILL_ROWS rows or more) take the int8 matrix product: close to the
-    dequantised fp32 product (int4: plus the rounding of its weights to int8 rows)."""
+    """Prompt-sized inputs (PREFILL_ROWS rows or more; 4-bit weights that PyTorch's int4 kernel takes:
+    INT4_PRODUCT_ROWS) take the int8 matrix product: close to the dequantised fp32 product (int4: plus the
+    rounding of its weights to int8 rows)."""
     layer = make(896, 160)
     calls = []
     product = cpu_kernel.int8_matmul
@@ -283,6 +284,31 @@ def test_prompts_go_through_the_int8_product(make, tol, monkeypatch):
     assert ((y - ref).norm() / ref.norm()).item() < tol
     layer(x[:, :1])  # decoding rows do not
     assert len(calls) == 1
+
+
+@needs_ops("int8_matmul", "int4_to_int8")
+def test_big_decoding_batches_of_4bit_weights_take_pytorchs_int4_kernel(monkeypatch):
+    """From gemv_rows(4) rows to INT4_PRODUCT_ROWS - 1 (batched decoding), PyTorch's int4 kernel (bf16
+    activations, the codes as they are: ~2.7x rounding them to int8 rows for the int8 product at 16 rows); from
+    INT4_PRODUCT_ROWS on (prompts) the int8 product. A 5-bit layer, which PyTorch's kernel cannot take, keeps
+    the int8 product from PREFILL_ROWS."""
+    layer = _layer(896, 160)
+    layer.prepare()
+    calls = []
+    product, packed = cpu_kernel.int8_matmul, torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(cpu_kernel, "int8_matmul", lambda *a: calls.append(("int8", a[0].shape[0])) or product(*a))
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu",
+                        lambda *a: calls.append(("int4", a[0].shape[0])) or packed(*a))  # fmt: skip
+    ref = layer.dequantize(torch.float32).t()
+    for rows in (PREFILL_ROWS, 24, INT4_PRODUCT_ROWS - 1, INT4_PRODUCT_ROWS):  # (each row's error: ~bf16's)
+        x = torch.randn(rows, 896)
+        assert ((layer(x) - x @ ref).norm() / (x @ ref).norm()).item() < 1e-2
+    last = INT4_PRODUCT_ROWS
+    assert calls == [("int4", PREFILL_ROWS), ("int4", 24), ("int4", last - 1), ("int8", last)]
+    five = _int5_layer(896, 160)
+    five.prepare()
+    five(torch.randn(PREFILL_ROWS, 896))
+    assert calls[-1] == ("int8", PREFILL_ROWS)
 
 
 @needs_kernel

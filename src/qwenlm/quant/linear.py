@@ -27,6 +27,11 @@ from . import cpu_kernel
 
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 16  # from this many rows on, a matrix product (int8, or with the weight dequantised)
+# ...except for 4-bit weights where PyTorch's int4 kernel runs next to qwenlm's: on a 2-core Zen 5 it took the demo
+# model's 4-bit layers at 16 rows in 34 ms against 92 for rounding them to int8 rows and the int8 product, at 32
+# rows 58 against 112 (benchmarks/RESULTS.md); batches below this many rows go through it. (At 64 rows it was
+# 132 against 170 ms, but 64-token prompts of the whole model were not faster for it: prompts keep the product.)
+INT4_PRODUCT_ROWS = 32
 # (below how many rows qwenlm's int4/int8 matrix-vector CPU kernels run depends on their build:
 # cpu_kernel.gemv_rows)
 ROWS_PER_CHUNK_ELEMENTS = 1 << 20  # 4-bit fitting works on this many weights at a time (memory; ~1.7x faster than 4M)
@@ -212,6 +217,7 @@ class Int4Linear(nn.Module):
     def _forget_kernel_state(self) -> None:
         self._path: str | None = None  # "own" (cpu_kernel), "packed" (PyTorch's kernel) or "matmul"; by prepare()
         self._gemv_rows = 0  # batches of fewer rows go through cpu_kernel.int4_gemv (path "own")
+        self._product_rows = PREFILL_ROWS  # from this many rows on, a matrix product (int8 or dequantised)
         self._packed: torch.Tensor | None = None  # PyTorch's packed layout
         self._scales_nk: torch.Tensor | None = None  # (out, groups, 2) scales and zeros for cpu_kernel
         self._high_nk: torch.Tensor | None = None  # Int5Linear's fifth bits in cpu_kernel's layout
@@ -304,6 +310,8 @@ class Int4Linear(nn.Module):
             self._gemv_rows = cpu_kernel.gemv_rows(4) if packed_fits else PREFILL_ROWS
             if self._gemv_rows < PREFILL_ROWS:
                 self._kernel_weight()
+                if cpu_kernel.provides("int8_matmul"):  # PyTorch's kernel also for short prompts and big batches
+                    self._product_rows = INT4_PRODUCT_ROWS
         elif packed_fits and (device == "cpu" or self._cuda_k_tiles()):
             self._kernel_weight()
             self._path = "packed"
@@ -344,10 +352,10 @@ class Int4Linear(nn.Module):
         if self._path == "own" and rows < self._gemv_rows:
             y = cpu_kernel.int4_gemv(x2, self.qweight, self._scales_nk, self._high_nk)  # rounds x: no bf16 step
             return self._finish(y, x, shape)
-        if rows >= PREFILL_ROWS and self._path == "own" and cpu_kernel.provides("int8_matmul"):
+        if rows >= self._product_rows and self._path == "own" and cpu_kernel.provides("int8_matmul"):
             y = cpu_kernel.int8_matmul(x2, *cpu_kernel.int4_to_int8(self.qweight, self._scales_nk, self._high_nk))
             return self._finish(y, x, shape)
-        if rows >= PREFILL_ROWS or self._path == "matmul":
+        if rows >= self._product_rows or self._path == "matmul":
             dtype = prompt_dtype(x.device)
             return self._finish(F.linear(x2.to(dtype), self.dequantize(dtype)), x, shape)
         x2 = x2.to(KERNEL_DTYPE)

@@ -256,11 +256,14 @@ Activations8 prepare8(const float* x, int64_t m_rows, int64_t k) {
   return a;
 }
 
+// The bytes of a row of K int8 values that its last 64-byte line holds (all 64 where K is a multiple of 64)
+inline __mmask64 last_line(int64_t k) { return (k % 64) ? (__mmask64(1) << (k % 64)) - 1 : ~__mmask64(0); }
+
 template <int M, int R>
 void rows8(const int8_t* w, const uint16_t* scales, const Activations8& act, int64_t k, int64_t n, int64_t row0,
            int64_t ahead, float* y) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __mmask64 tail = (k % 64) ? (__mmask64(1) << (k % 64)) - 1 : ~__mmask64(0);
+  const __mmask64 tail = last_line(k);
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -409,7 +412,7 @@ inline void int_rows_of(std::index_sequence<P...>, const int8_t* q, const uint32
                         const int8_t* w, int64_t n, int64_t row0, int64_t ahead, int32_t* prod) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t lines = (k + 63) / 64;
-  const __mmask64 tail = (k % 64) ? (__mmask64(1) << (k % 64)) - 1 : ~__mmask64(0);
+  const __mmask64 tail = last_line(k);
   const int8_t* wr = w + row0 * k;
   const int8_t* wa = w + std::min(row0 + ahead, n - R) * k;
   __m512i acc[M * R] = {((void)P, _mm512_setzero_si512())...};
@@ -440,7 +443,7 @@ void int_group(const int8_t* q, const uint32_t* offsets, int64_t k, const int8_t
 // rows (even, 2 to kOwnProductRows) of q (rows, K) times the weights (N, K): (rows, N) int32 into prod
 void own_product(const int8_t* q, int64_t rows, int64_t k, const int8_t* w, int64_t n, int32_t* prod) {
   const int64_t lines = (k + 63) / 64;
-  const __mmask64 tail = (k % 64) ? (__mmask64(1) << (k % 64)) - 1 : ~__mmask64(0);
+  const __mmask64 tail = last_line(k);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // 128 in every byte
   std::vector<uint32_t> offsets(rows);
   for (int64_t i = 0; i < rows; ++i) {

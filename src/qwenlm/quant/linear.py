@@ -310,7 +310,7 @@ class Int4Linear(nn.Module):
             self._gemv_rows = cpu_kernel.gemv_rows(4) if packed_fits else PREFILL_ROWS
             if self._gemv_rows < PREFILL_ROWS:
                 self._kernel_weight()
-                if cpu_kernel.provides("int8_matmul"):  # PyTorch's kernel also for short prompts and big batches
+                if cpu_kernel.provides("int8_matmul"):  # PyTorch's kernel also for batches of 16-31 rows
                     self._product_rows = INT4_PRODUCT_ROWS
         elif packed_fits and (device == "cpu" or self._cuda_k_tiles()):
             self._kernel_weight()

@@ -142,11 +142,12 @@ def test_quantize_while_loading(ckpt):
     assert r.returncode == 0, r.stderr
     int8 = json.loads(r.stdout)
     assert plain["linear_weights"] == ["float"] and int8["linear_weights"] == ["int8"]
-    # counted though int8 weights are buffers, not parameters; the float embedding is half of the tiny model
-    assert int8["weight_bytes"] < 0.7 * plain["weight_bytes"]
+    assert (plain["embedding"], int8["embedding"]) == ("float", "int8")
+    # counted though int8 weights are buffers, not parameters (the embedding is half of the tiny model)
+    assert int8["weight_bytes"] < 0.3 * plain["weight_bytes"]
     r = run("generate", "--model", str(ckpt), "Hello", "--max-new-tokens", "4", "--quantize", "4")
     assert r.returncode == 0, r.stderr
-    assert "(int4 linears, torch.float32, cpu)" in r.stderr and r.stdout.startswith("Hello")
+    assert "(int4 linears, int8 embedding, torch.float32, cpu)" in r.stderr and r.stdout.startswith("Hello")
     bad = run("generate", "--model", str(ckpt), "Hello", "--quantize", "3")
     assert bad.returncode == 2 and "invalid choice: '3'" in bad.stderr
 
@@ -185,7 +186,7 @@ def test_a_gguf_file_runs_at_its_own_precision_unless_told_otherwise(tmp_path):
         assert _quantize(args, path) == expected
     r = run("generate", "--model", str(path), "Hello", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
-    assert "(int4/int8 linears, torch.float32, cpu)" in r.stderr and r.stdout.startswith("Hello")
+    assert "(int4/int8 linears, int8 embedding, torch.float32, cpu)" in r.stderr and r.stdout.startswith("Hello")
     r = run("quantize", str(path), str(tmp_path / "own"), "--bits", "gguf")
     assert r.returncode == 0, r.stderr
     assert "int4/int5/int8 (a GGUF's own precision)" in r.stderr

@@ -13,7 +13,7 @@ gguf = pytest.importorskip("gguf")
 
 
 def _random_blocks(type_name: str, n_blocks: int, seed: int) -> np.ndarray:
-    _, block_bytes, _ = gguf_dequant.BLOCKS[type_name]
+    block_bytes = gguf_dequant.BLOCKS[type_name].bytes
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     # finite f16 scales (random bytes can spell inf/NaN): exponent bits below the all-ones pattern
@@ -25,7 +25,7 @@ def _random_blocks(type_name: str, n_blocks: int, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("type_name", sorted(gguf_dequant.BLOCKS))
 def test_bit_identical_to_the_gguf_package(type_name, monkeypatch):
-    per_block, _, _ = gguf_dequant.BLOCKS[type_name]
+    per_block = gguf_dequant.BLOCKS[type_name].weights
     rows, blocks_per_row = 6, 3
     data = _random_blocks(type_name, rows * blocks_per_row, seed=len(type_name)).reshape(rows, -1)
     data.flags.writeable = False  # as GGUFReader's map
@@ -34,6 +34,29 @@ def test_bit_identical_to_the_gguf_package(type_name, monkeypatch):
     theirs = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name])
     assert ours.dtype == torch.float32 and ours.shape == theirs.shape
     assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(theirs, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("type_name", sorted(gguf_dequant.BLOCKS))
+def test_codes_scales_and_offsets_give_back_the_values_bit_for_bit(type_name, monkeypatch):
+    # what an int8 embedding keeps of a GGUF table (quant.Int8Embedding.from_codes): nothing rounded
+    block = gguf_dequant.BLOCKS[type_name]
+    rows, blocks_per_row = 5, 2
+    data = _random_blocks(type_name, rows * blocks_per_row, seed=7).reshape(rows, -1)
+    monkeypatch.setattr(gguf_dequant, "CHUNK_WEIGHTS", 3 * block.weights)
+    shape = (rows, blocks_per_row * block.weights)
+    codes, scale, zero = gguf_dequant.codes_of(data, type_name, shape)
+    assert codes.dtype == torch.int8 and codes.shape == shape and scale.shape == (rows, shape[1] // block.group)
+    assert (zero is not None) == (type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"))
+    assert torch.equal(gguf_dequant.values(codes, scale, zero), gguf_dequant.dequantize(data, type_name, shape))
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
+def test_a_last_chunk_of_one_block_is_dequantised(type_name, monkeypatch):
+    # its fifth bits were read as an int32 view of the bytes, which a one-block chunk cannot give
+    monkeypatch.setattr(gguf_dequant, "CHUNK_WEIGHTS", 3 * 32)
+    data = _random_blocks(type_name, 4, seed=3)  # chunks of 3 blocks and 1
+    theirs = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name]).reshape(4, 32)
+    assert torch.equal(gguf_dequant.dequantize(data, type_name, (4, 32)), torch.from_numpy(theirs.astype(np.float32)))
 
 
 def test_a_size_that_does_not_fit_the_blocks_is_named():

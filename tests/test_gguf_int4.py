@@ -3,6 +3,8 @@ codes unchanged (no second rounding)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from qwenlm import QwenForCausalLM
 from qwenlm.checkpoint import load_model
 from qwenlm.gguf import read_gguf_int4
 from qwenlm.gguf_int4 import dequantize_grid, int4_grid
-from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, gguf_grids, quantize
+from qwenlm.quant import Int4Linear, Int5Linear, Int8Embedding, Int8Linear, gguf_embedding, gguf_grids, quantize
 from tests.tiny_gguf import Q, TinySpec, gguf, write_tiny_gguf
 
 BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q5_0": (32, 22), "Q5_1": (32, 24)}
@@ -157,21 +159,24 @@ def test_int4_from_a_gguf_keeps_its_5bit_tensors_in_5_bits(tiny_q5, tmp_path):
 
 
 def test_loading_at_int4_skips_dequantising_what_it_keeps_and_gives_the_same_model(tmp_path, monkeypatch):
-    # the tensors taken over as 4-bit codes are not dequantised while loading; the rest (a 4-bit embedding
-    # included: it is looked up, not a linear layer) are, and the model equals quantising the whole fp32 one
+    # the tensors taken over as 4-bit codes, and the 4-bit embedding as its int8 codes, are not dequantised
+    # while loading; the rest are, and the model equals quantising the whole fp32 one with the same codes
     import qwenlm.gguf
 
     path = tmp_path / "q4-embedding.gguf"
     write_tiny_gguf(path, TinySpec(types={"attn_q.weight": Q.Q4_0, "attn_k.weight": Q.Q4_0, "attn_v.weight": Q.Q4_0,
                                           "ffn_down.weight": Q.Q4_1, "token_embd.weight": Q.Q4_0}))  # fmt: skip
-    full = QwenForCausalLM.from_pretrained(path, dtype="float32", device="cpu")
-    quantize(full, 4, grids=gguf_grids(path, bits=4))
+    fp32 = QwenForCausalLM.from_pretrained(path, dtype="float32", device="cpu")
+    full = quantize(copy.deepcopy(fp32), 4, grids=gguf_grids(path, bits=4), prebuilt=gguf_embedding(path))
     dequantised = []
     real = qwenlm.gguf._dequantize
-    monkeypatch.setattr(qwenlm.gguf, "_dequantize", lambda t, dtype: dequantised.append(t.name) or real(t, dtype))
+    monkeypatch.setattr(qwenlm.gguf, "_dequantize",
+                        lambda t, dtype, rows=None: dequantised.append(t.name) or real(t, dtype, rows))  # fmt: skip
     model = load_model(path, dtype="float32", device="cpu", quantize=4)
-    assert "token_embd.weight" in dequantised
+    assert "output.weight" in dequantised  # an F32 head, rounded to 4 bits
     assert not [n for n in dequantised if n.endswith(("attn_q.weight", "attn_k.weight", "ffn_down.weight"))]
+    assert "token_embd.weight" not in dequantised and isinstance(model.transformer.wte, Int8Embedding)
+    assert torch.equal(model.transformer.wte.dequantize(), fp32.transformer.wte.weight)  # the file's values
     assert full.state_dict().keys() == model.state_dict().keys()
     for name, tensor in full.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name

@@ -78,10 +78,11 @@ def with_precision(model: QwenForCausalLM, precision: str, source: str | Path | 
         return model.float()
     if precision == "bf16":
         return model.to(torch.bfloat16)
-    from .quant import GGUF, gguf_grids, quantize
+    from .quant import GGUF, gguf_embedding, gguf_grids, quantize
 
     bits, others = (4, 8) if precision == GGUF else (QUANT_BITS[precision], None)
-    return quantize(model, bits, grids=gguf_grids(source, bits) if source is not None else None, others=others)
+    grids = gguf_grids(source, bits) if source is not None else None
+    return quantize(model, bits, grids=grids, others=others, prebuilt=gguf_embedding(source))
 
 
 def load_at_precision(path: str | Path, precision: str, device: str = "cpu") -> QwenForCausalLM:

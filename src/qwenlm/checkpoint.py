@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, release_freed_memory
 from .config import QwenConfig
 from .generation.config import GenerationConfig
 from .model import QwenForCausalLM
@@ -217,7 +217,7 @@ def _build(config: QwenConfig, tensors: Iterator[tuple[str, torch.Tensor]], sour
     if quant is not None:
         from .quant import quantized_structure
 
-        quantized_structure(model, *quant)
+        quantized_structure(model, *quant, dtype=dtype)
     elif quantizer is not None:
         on_loaded = quantizer(model).loaded
     mapper = _NameMapper(config.is_qwen2)
@@ -256,36 +256,43 @@ def load_model(
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if device.type == "cpu":
         keep_freed_memory()  # prompts reuse freed blocks instead of page-faulting fresh ones (see allocator)
+    model = _load(path, dtype, device, ntk, logn, quantize)
+    if window is not None:
+        model.transformer.set_long_context(window=window)
+    if device.type == "cpu":  # what loading freed (dequantised tensors, GGUF grids taken over): ~340 MB for the demo
+        release_freed_memory()
+    return model
+
+
+def _load(path: Path, dtype: torch.dtype, device: torch.device, ntk: bool | None, logn: bool | None,
+          quantize: int | str | None) -> QwenForCausalLM:  # fmt: skip
     if path.is_file() and path.suffix == ".gguf":
         from .gguf import read_gguf
 
         ckpt = read_gguf(path, dtype=dtype, tensors=False)
         config = _with_overrides(QwenConfig.from_dict(ckpt.config, source=str(path)), ntk, logn)
-        quantizer, grids = _quantizer(path, quantize)
-        kept = grids.sources if grids else ()  # tensors taken over as 4-bit codes: not dequantised
+        quantizer, kept = _quantizer(path, quantize, config.tie_word_embeddings)
         model = _build(config, ckpt.stream(kept), str(path), dtype, device, quantizer)
         left = [n for n, p in model.named_parameters() if p.dim() and 0 in p.stride()]
-        if left:  # a stand-in for a kept tensor that no 4-bit layer took over: a bug, never a silent zero
-            raise CheckpointError(f"{path}: {', '.join(left[:5])} were not taken over as 4-bit codes")
+        if left:  # a stand-in for a kept tensor that no quantised layer took over: a bug, never a silent zero
+            raise CheckpointError(f"{path}: {', '.join(left[:5])} were not taken over as their codes")
         model.generation_config = GenerationConfig(eos_token_id=ckpt.eos_token_id, pad_token_id=ckpt.eos_token_id)
-        if window is not None:
-            model.transformer.set_long_context(window=window)
-        return model
-    if not path.is_dir():
+    elif path.is_dir():
+        config = _with_overrides(QwenConfig.from_json(path), ntk, logn)
+        quantizer = _quantizer(path, quantize, config.tie_word_embeddings)[0]
+        model = _build(config, read_tensors(path), f"checkpoint {path}", dtype, device, quantizer)
+        model.generation_config = GenerationConfig.from_folder(path)
+    else:
         raise ValueError(f"{path} is neither a checkpoint folder nor a .gguf file")
-    config = _with_overrides(QwenConfig.from_json(path), ntk, logn)
-    model = _build(config, read_tensors(path), f"checkpoint {path}", dtype, device, _quantizer(path, quantize)[0])
-    model.generation_config = GenerationConfig.from_folder(path)
-    if window is not None:
-        model.transformer.set_long_context(window=window)
     return model
 
 
-def _quantizer(path: Path, bits: int | str | None) -> tuple[Any, Any]:
-    """What builds the load-time ``quant.Quantizer`` for a model (or None), and the 4-bit grids it takes over
-    from a GGUF file (``gguf.Int4Grids``, or None)."""
+def _quantizer(path: Path, bits: int | str | None, tied: bool) -> tuple[Any, frozenset[str]]:
+    """What builds the load-time ``quant.Quantizer`` for a model (or None), and the tensors of a GGUF file it
+    takes over as their codes (its 4-bit grids, ``gguf.Int4Grids``, and an untied embedding), which the file's
+    stream need not dequantise."""
     if bits is None:
-        return None, None
+        return None, frozenset()
     from .quant import GGUF, Quantizer, gguf_grids
 
     if bits not in (4, 8, GGUF):
@@ -297,7 +304,19 @@ def _quantizer(path: Path, bits: int | str | None) -> tuple[Any, Any]:
                              "GGUF file: choose 8 or 4")  # fmt: skip
         bits, others = 4, 8
     grids = gguf_grids(path, bits)
-    return (lambda model: Quantizer(model, bits, grids=grids, others=others)), grids
+    kept, prebuilt = set(grids.sources) if grids else set(), {}
+    if path.is_file() and path.suffix == ".gguf" and not tied:
+        from .gguf import read_gguf_prebuilt
+
+        int8_head = (bits == 8 or others == 8) and "lm_head" not in (grids or {})
+        prebuilt, names = read_gguf_prebuilt(path, int8_head=int8_head)
+        kept |= names
+    handed = {"grids": grids, "prebuilt": prebuilt}  # to the one Quantizer, which drops each once it is used
+
+    def quantizer(model: QwenForCausalLM) -> Quantizer:
+        return Quantizer(model, bits, grids=handed.pop("grids"), others=others, prebuilt=handed.pop("prebuilt"))
+
+    return quantizer, frozenset(kept)
 
 
 def _with_overrides(config: QwenConfig, ntk: bool | None, logn: bool | None) -> QwenConfig:
@@ -337,13 +356,15 @@ def load_tokenizer(path: str | Path) -> QwenTokenizer:
 
 def describe(model: QwenForCausalLM) -> dict[str, Any]:
     """Parameters (of the float modules), dtype, device, how the linear layers hold their weights (``float``,
-    ``int8``, ``int4``, ``int5``), the bytes of all saved weights, quantised ones included, and what new key/value
-    caches store."""
+    ``int8``, ``int4``, ``int5``) and the embedding its table (``float``, ``int8``), the bytes of all saved
+    weights, quantised ones included, and what new key/value caches store."""
     from .bench import saved_weight_bytes
 
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     kinds = {"Int8Linear": "int8", "Int4Linear": "int4", "Int5Linear": "int5"}
     linear = sorted({kinds[type(m).__name__] for m in model.modules() if type(m).__name__ in kinds})
     return {"parameters": n_params, "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device),
-            "linear_weights": linear or ["float"], "weight_bytes": saved_weight_bytes(model),
+            "linear_weights": linear or ["float"],
+            "embedding": "int8" if type(model.transformer.wte).__name__ == "Int8Embedding" else "float",
+            "weight_bytes": saved_weight_bytes(model),
             "kv_dtype": str(model.kv_cache_dtype or model.dtype).replace("torch.", "")}  # fmt: skip

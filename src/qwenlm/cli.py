@@ -122,8 +122,10 @@ def _load(args: argparse.Namespace):
     if not compile:  # quantised layers make their kernels' layouts now (~1 s for int4), not in the first token
         model.prepare_layers()  # (compile_inference prepares them itself)
     fast_paths(model, compile, getattr(args, "cuda_graphs", False))
-    kinds = describe(model)["linear_weights"]
+    described = describe(model)
+    kinds = described["linear_weights"]
     weights = f"{'/'.join(kinds)} linears, " if kinds != ["float"] else ""
+    weights += "int8 embedding, " if described["embedding"] == "int8" else ""
     print(f"qwenlm: loaded {path.name} ({weights}{model.dtype}, {model.device}) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)  # fmt: skip
     return model, tokenizer
@@ -173,6 +175,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"window attention {info['position_policies'][2] if model.transformer.windows else 'off'}")
     print(f"dtype / device   {info['dtype']} / {info['device']}")
     print(f"linear weights   {', '.join(info['linear_weights'])}")
+    print(f"embedding        {info['embedding']}")
     print(f"weight memory    {info['weight_bytes'] / 2**20:,.1f} MiB")
     return 0
 

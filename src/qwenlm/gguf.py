@@ -113,7 +113,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, *, progress_
             f"{source}: general.architecture is {arch!r}; only {' and '.join(ARCHITECTURES)} (Qwen) GGUF files "
             f"can be read"
         )
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    shapes = {t.name: _shape(t) for t in reader.tensors}
     config = (_qwen2_config if arch == "qwen2" else _qwen_config)(meta, shapes, source)
     names = _hf_names(arch, shapes, config["num_hidden_layers"], source)
     _check_shapes(names, shapes, _expected_shapes(arch, config), source)
@@ -226,7 +226,7 @@ def read_gguf_int4(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     reader = open_gguf(path)
     arch = reader.metadata["general.architecture"]
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    shapes = {t.name: _shape(t) for t in reader.tensors}
     n_layers = 1 + max((int(m.group(1)) for n in shapes if (m := _BLOCK_RE.fullmatch(n))), default=-1)
     names = _hf_names(arch, shapes, n_layers, str(path))
     grids = {
@@ -253,6 +253,43 @@ def read_gguf_int4(path: str | Path) -> dict[str, Any]:
     else:
         sources = set(grids)
     return Int4Grids({name.removesuffix(".weight"): grid for name, grid in grids.items()}, sources=sources)
+
+
+def read_gguf_prebuilt(path: str | Path, int8_head: bool = False) -> tuple[dict[str, Any], frozenset[str]]:
+    """Layers of a GGUF file's model in quantised form, by layer name, for ``quant.Quantizer(prebuilt=...)``,
+    and the HF names of the tensors they stand for (what ``read_gguf``'s ``stream(kept=...)`` need not
+    dequantise). The file must be of an untied model (one with ``output.weight``).
+
+    * ``transformer.wte``: a block-quantised embedding (``gguf_dequant.BLOCKS``) as a ``quant.Int8Embedding``
+      of the file's own codes, scales and offsets: its rows bit for bit as dequantising the file gives them.
+      A table stored as floats is left out (``Quantizer`` rounds its rows itself).
+    * ``lm_head`` (``int8_head``): an ``Int8Linear``, rounded per row as from the dequantised weight, but
+      dequantised a block of rows at a time, so the float32 head (545 MB for the demo model) never exists whole.
+    """
+    from .quant.embedding import Int8Embedding
+    from .quant.linear import INT8_CHUNK_ELEMENTS, Int8Linear
+
+    path = Path(path)
+    reader = open_gguf(path)
+    by_name = {t.name: t for t in reader.tensors}
+    prebuilt: dict[str, Any] = {}
+    kept = set()
+    embedding = by_name.get("token_embd.weight")
+    if embedding is not None and embedding.type_name in gguf_dequant.BLOCKS:
+        shape = _shape(embedding)
+        prebuilt["transformer.wte"] = Int8Embedding.from_codes(
+            *gguf_dequant.codes_of(embedding.data, embedding.type_name, shape)
+        )
+        kept.add("model.embed_tokens.weight" if reader.metadata["general.architecture"] == "qwen2"
+                 else "transformer.wte.weight")  # fmt: skip
+    head = by_name.get("output.weight")
+    if int8_head and head is not None:
+        rows, cols = _shape(head)
+        step = max(1, INT8_CHUNK_ELEMENTS // cols)
+        blocks = (_dequantize(head, torch.float32, slice(i, i + step)) for i in range(0, rows, step))
+        prebuilt["lm_head"] = Int8Linear.from_row_blocks(blocks, (rows, cols))
+        kept.add("lm_head.weight")
+    return prebuilt, frozenset(kept)
 
 
 _EMBEDDINGS = ("embed_tokens.weight", "wte.weight")  # the input embedding's HF (Qwen2) and Qwen v1 names
@@ -285,11 +322,19 @@ def _check_types(reader: GGUFFile, source: str) -> None:
             )
 
 
-def _dequantize(t: GGUFTensor, dtype: torch.dtype) -> torch.Tensor:
-    shape = tuple(int(d) for d in reversed(t.shape))
+def _shape(t: GGUFTensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(t.shape))  # GGUF lists the innermost dimension first
+
+
+def _dequantize(t: GGUFTensor, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+    """``t`` as a tensor of ``dtype`` (only ``rows`` of a 2-D one, when given)."""
+    shape, data = _shape(t), t.data
+    if rows is not None:
+        data = data[rows]  # a 2-D tensor's data is (rows, bytes or values per row)
+        shape = (len(range(*rows.indices(shape[0]))), *shape[1:])
     if t.type_name in gguf_dequant.BLOCKS:  # most of a quantised file: ~4x the gguf package's speed
-        return gguf_dequant.dequantize(t.data, t.type_name, shape).to(dtype)
-    array = _gguf.quants.dequantize(t.data, _gguf.GGMLQuantizationType[t.type_name])
+        return gguf_dequant.dequantize(data, t.type_name, shape).to(dtype)
+    array = _gguf.quants.dequantize(data, _gguf.GGMLQuantizationType[t.type_name])
     array = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
     if not array.flags.writeable:  # F32 tensors come back as a view of the read-only memory map
         array = array.copy()

@@ -88,7 +88,7 @@ def int4_grid(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4G
     if type_name not in INT4_TYPES:
         raise ValueError(f"{type_name} is not a 4- or 5-bit GGUF type with groups of 32 ({', '.join(INT4_TYPES)})")
     out_f, in_f = shape
-    block_bytes = BLOCKS[type_name][1]
+    block_bytes = BLOCKS[type_name].bytes
     blocks = torch.from_numpy(np.array(data, dtype=np.uint8).reshape(-1, block_bytes))  # a copy: maps are read-only
     high = None
     if type_name == "Q4_K":

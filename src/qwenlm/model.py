@@ -185,12 +185,12 @@ class QwenForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return self.transformer.ln_f.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activation dtype (quantised layers keep their own weight formats)."""
-        return self.transformer.wte.weight.dtype
+        """The activation dtype (quantised layers and embedding keep their own weight formats)."""
+        return self.transformer.ln_f.weight.dtype
 
     def new_cache(self, capacity: int = 0) -> KVCache:
         """An empty key/value cache for this model, storing ``kv_cache_dtype`` (e.g. ``torch.bfloat16``)."""

@@ -179,14 +179,16 @@ def _block_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> list[tup
 
 
 def quantize_calibrated(model: nn.Module, batches: Sequence[torch.Tensor], group_size: int = 32,
-                        grids: dict[str, Any] | None = None, progress_bar: bool = True) -> nn.Module:  # fmt: skip
+                        grids: dict[str, Any] | None = None, progress_bar: bool = True,
+                        prebuilt: dict[str, nn.Module] | None = None) -> nn.Module:  # fmt: skip
     """Quantise ``model`` in place to int4 with GPTQ on ``batches`` (token id tensors, e.g. from
-    ``calibration_batches``) and return it. Load the model in fp32: the calibration runs at its precision."""
+    ``calibration_batches``) and return it. Load the model in fp32: the calibration runs at its precision.
+    The embedding becomes int8 (``prebuilt`` as for ``Quantizer``) once the calibration no longer reads it."""
     from . import Quantizer
 
     if not batches:
         raise ValueError("quantize_calibrated needs at least one batch of calibration tokens")
-    q = Quantizer(model, 4, group_size, grids)
+    q = Quantizer(model, 4, group_size, grids, prebuilt=prebuilt)
 
     def swap(names: list[str], hessians: dict[str, torch.Tensor]) -> None:
         for name in names:  # a layer with a grid keeps its codes (no Hessian was collected for it)
@@ -209,5 +211,7 @@ def quantize_calibrated(model: nn.Module, batches: Sequence[torch.Tensor], group
             for x, _ in states:
                 head.add(model.transformer.ln_f(x))
             swap(["lm_head"], {"lm_head": head.hessian})
+        if q.embedding_pending:
+            q.swap_embedding()
         done.close()
     return model

@@ -17,6 +17,7 @@ matrix products for prompts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -118,6 +119,14 @@ def fit_int4_groups(w: torch.Tensor, group_size: int,
     return codes.to(torch.uint8).reshape(n, k), scale, offset + middle * scale
 
 
+def round_rows(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``block`` rounded to int8 steps of its own scale, max |w| / 127: the codes (as integral floats
+    in -127..127) and the (rows,) float32 scales."""
+    block = block.float()
+    scales = block.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    return block.div(scales[:, None]).round_().clamp_(-127, 127), scales
+
+
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None) -> None:
         super().__init__()
@@ -144,15 +153,26 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach()
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device)
-        rows = max(1, INT8_CHUNK_ELEMENTS // linear.in_features)
-        for i in range(0, linear.out_features, rows):  # a block of rows at a time: its temporaries stay in cache
-            block = w[i : i + rows].float()
-            scales = block.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-            out.weight[i : i + rows] = block.div(scales[:, None]).round_().clamp_(-127, 127)
-            out.scales[i : i + rows] = scales
-        if linear.bias is not None:
-            out.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        rows = max(1, INT8_CHUNK_ELEMENTS // linear.in_features)  # a block at a time: its temporaries stay in cache
+        blocks = (w[i : i + rows] for i in range(0, linear.out_features, rows))
+        return cls.from_row_blocks(blocks, tuple(w.shape), linear.bias, device=w.device)
+
+    @classmethod
+    def from_row_blocks(cls, blocks: Iterable[torch.Tensor], shape: tuple[int, int], bias: torch.Tensor | None = None,
+                        device: torch.device | str | None = None) -> Int8Linear:  # fmt: skip
+        """From the weight's rows, a block of them at a time (e.g. dequantised from a file block by block, so
+        the float weight never exists whole), each row rounded with its own scale."""
+        out_f, in_f = shape
+        out = cls(in_f, out_f, bias is not None, device=device)
+        at = 0
+        for block in blocks:
+            codes, scales = round_rows(block)
+            out.weight[at : at + len(block)], out.scales[at : at + len(block)] = codes, scales
+            at += len(block)
+        if at != out_f:
+            raise ValueError(f"row blocks gave {at} rows, the weight has {out_f}")
+        if bias is not None:
+            out.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return out
 
     def dequantize(self, dtype: torch.dtype = KERNEL_DTYPE) -> torch.Tensor:

@@ -9,6 +9,7 @@ import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from ..convert import save_safetensors, save_tiktoken_bpe
 from ..generation.config import GENERATION_CONFIG_FILE
 from ..hf_tokenizer import save_hf_tokenizer
 from ..tokenizer import VOCAB_FILE, qwen_special_tokens
-from . import GGUF, gguf_grids, quantize
+from . import GGUF, gguf_embedding, gguf_grids, quantize
 
 QUANT_KEY = "quantization"
 
@@ -45,11 +46,12 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int | str = 8, g
 
         batches = calibration_batches(tokenizer, calibration, tokens=calibration_tokens)
         model = load_model(src, dtype=calibration_dtype, device="cpu")
-        model = quantize_calibrated(model, batches, group_size, grids=gguf_grids(src, bits, group_size))
+        model = quantize_calibrated(model, batches, group_size, grids=gguf_grids(src, bits, group_size),
+                                    prebuilt=gguf_embedding(src))  # fmt: skip
     elif group_size == 32:  # quantised while loading: the full-precision model never exists at once
         model = load_model(src, dtype="float32", device="cpu", quantize=bits)
     else:
-        model = quantize(load_model(src, dtype="float32", device="cpu"), bits, group_size)
+        model = quantize(load_model(src, dtype="float32", device="cpu"), bits, group_size, prebuilt=gguf_embedding(src))
     dst.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -81,9 +83,10 @@ def _save_tokenizer(src: Path, dst: Path, tokenizer) -> None:
     save_hf_tokenizer(tokenizer, dst, chat_template=chat_template)
 
 
-def quantization_of(config_extra: dict) -> tuple[int, int, list[str], list[str]] | None:
-    """(bits, group size, layers saved in 5 bits, layers saved in 8 bits) of a quantised checkpoint's config
-    (the last two: of an int4 model), or None."""
+def quantization_of(config_extra: dict) -> tuple[int, int, list[str], list[str], dict[str, Any] | None] | None:
+    """(bits, group size, layers saved in 5 bits, layers saved in 8 bits, the int8 embedding's group size and
+    whether it has offsets) of a quantised checkpoint's config (the middle two: of an int4 model; the last
+    None for a float embedding, as saved before the embedding was quantised too), or None."""
     q = config_extra.get(QUANT_KEY)
     if not q:
         return None
@@ -94,7 +97,14 @@ def quantization_of(config_extra: dict) -> tuple[int, int, list[str], list[str]]
     for key, layers in wider.items():
         if layers and bits != 4:
             raise ValueError(f"config.json: quantization {key} is for bits 4, got bits {bits}")
-    return bits, group, wider["five_bit"], wider["eight_bit"]
+    embedding = q.get("embedding")
+    if embedding is not None:
+        if not (isinstance(embedding, dict) and isinstance(embedding.get("group_size"), int)
+                and embedding["group_size"] > 0 and isinstance(embedding.get("affine"), bool)):  # fmt: skip
+            raise ValueError(f'config.json: quantization embedding must be {{"group_size": a positive integer, '
+                             f'"affine": true or false}}, got {embedding!r}')  # fmt: skip
+        embedding = {"group_size": embedding["group_size"], "affine": embedding["affine"]}
+    return bits, group, wider["five_bit"], wider["eight_bit"], embedding
 
 
 def is_quantized(model: torch.nn.Module) -> bool:

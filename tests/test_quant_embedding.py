@@ -14,7 +14,7 @@ import qwenlm.checkpoint
 import qwenlm.gguf
 from qwenlm import QwenForCausalLM
 from qwenlm.checkpoint import load_model
-from qwenlm.quant import Int8Embedding, Int8Linear, quantize
+from qwenlm.quant import Int4Linear, Int8Embedding, Int8Linear, quantize
 from qwenlm.quant import linear as linear_module
 from qwenlm.quant.saving import quantization_of, quantize_checkpoint
 from tests.builders import tiny_checkpoint
@@ -104,6 +104,33 @@ def test_gguf_loading_never_dequantises_the_embedding_or_the_int8_head_whole(tmp
     whole = Int8Linear.from_linear(fp32.lm_head)
     assert torch.equal(model.lm_head.weight, whole.weight) and torch.equal(model.lm_head.scales, whole.scales)
     assert "lm_head" in model.quantization["eight_bit"]
+
+
+def test_an_int4_load_fits_the_gguf_head_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, TinySpec(types={"token_embd.weight": Q.Q8_0, "output.weight": Q.Q8_0}))
+    fp32 = load_model(path, dtype="float32", device="cpu")
+    calls = []
+    real = qwenlm.gguf._dequantize
+    monkeypatch.setattr(qwenlm.gguf, "_dequantize",
+                        lambda t, dtype, rows=None: calls.append((t.name, rows)) or real(t, dtype, rows))  # fmt: skip
+    monkeypatch.setattr(linear_module, "ROWS_PER_CHUNK_ELEMENTS", 64 * 100)  # blocks of 100 rows of the head
+    model = load_model(path, dtype="float32", device="cpu", quantize=4)
+    head_blocks = [rows for n, rows in calls if n == "output.weight"]
+    assert head_blocks and all(r is not None and r.stop - r.start <= 100 for r in head_blocks)
+    assert len(head_blocks) == -(-fp32.config.vocab_size // 100)
+    whole = Int4Linear.from_linear(fp32.lm_head)  # the same head as fitting the whole dequantised weight
+    assert type(model.lm_head) is Int4Linear
+    assert torch.equal(model.lm_head.qweight, whole.qweight)
+    assert torch.equal(model.lm_head.scales_and_zeros, whole.scales_and_zeros)
+    assert "eight_bit" not in model.quantization
+
+
+def test_row_blocks_must_cover_the_weight():
+    w = torch.randn(10, 64)
+    for kind in (Int8Linear, Int4Linear):
+        with pytest.raises(ValueError, match="row blocks gave 6 rows, the weight has 10"):
+            kind.from_row_blocks([w[:6]], (10, 64))
 
 
 def test_a_tied_model_keeps_its_float_embedding_as_its_head(tmp_path):

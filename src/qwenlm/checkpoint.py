@@ -308,8 +308,8 @@ def _quantizer(path: Path, bits: int | str | None, tied: bool) -> tuple[Any, fro
     if path.is_file() and path.suffix == ".gguf" and not tied:
         from .gguf import read_gguf_prebuilt
 
-        int8_head = (bits == 8 or others == 8) and "lm_head" not in (grids or {})
-        prebuilt, names = read_gguf_prebuilt(path, int8_head=int8_head)
+        head_bits = None if "lm_head" in (grids or {}) else others or bits
+        prebuilt, names = read_gguf_prebuilt(path, head_bits=head_bits)
         kept |= names
     handed = {"grids": grids, "prebuilt": prebuilt}  # to the one Quantizer, which drops each once it is used
 

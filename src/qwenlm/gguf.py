@@ -255,7 +255,7 @@ def read_gguf_int4(path: str | Path) -> dict[str, Any]:
     return Int4Grids({name.removesuffix(".weight"): grid for name, grid in grids.items()}, sources=sources)
 
 
-def read_gguf_prebuilt(path: str | Path, int8_head: bool = False) -> tuple[dict[str, Any], frozenset[str]]:
+def read_gguf_prebuilt(path: str | Path, head_bits: int | None = None) -> tuple[dict[str, Any], frozenset[str]]:
     """Layers of a GGUF file's model in quantised form, by layer name, for ``quant.Quantizer(prebuilt=...)``,
     and the HF names of the tensors they stand for (what ``read_gguf``'s ``stream(kept=...)`` need not
     dequantise). The file must be of an untied model (one with ``output.weight``).
@@ -263,11 +263,12 @@ def read_gguf_prebuilt(path: str | Path, int8_head: bool = False) -> tuple[dict[
     * ``transformer.wte``: a block-quantised embedding (``gguf_dequant.BLOCKS``) as a ``quant.Int8Embedding``
       of the file's own codes, scales and offsets: its rows bit for bit as dequantising the file gives them.
       A table stored as floats is left out (``Quantizer`` rounds its rows itself).
-    * ``lm_head`` (``int8_head``): an ``Int8Linear``, rounded per row as from the dequantised weight, but
-      dequantised a block of rows at a time, so the float32 head (545 MB for the demo model) never exists whole.
+    * ``lm_head`` (``head_bits`` 8 or 4): an ``Int8Linear`` or ``Int4Linear`` (groups of 32), rounded as from
+      the dequantised weight, but dequantised a block of rows at a time, so the float32 head (545 MB for the
+      demo model) never exists whole.
     """
     from .quant.embedding import Int8Embedding
-    from .quant.linear import INT8_CHUNK_ELEMENTS, Int8Linear
+    from .quant.linear import INT8_CHUNK_ELEMENTS, ROWS_PER_CHUNK_ELEMENTS, Int4Linear, Int8Linear
 
     path = Path(path)
     reader = open_gguf(path)
@@ -283,11 +284,12 @@ def read_gguf_prebuilt(path: str | Path, int8_head: bool = False) -> tuple[dict[
         kept.add("model.embed_tokens.weight" if reader.metadata["general.architecture"] == "qwen2"
                  else "transformer.wte.weight")  # fmt: skip
     head = by_name.get("output.weight")
-    if int8_head and head is not None:
+    if head_bits is not None and head is not None:
         rows, cols = _shape(head)
-        step = max(1, INT8_CHUNK_ELEMENTS // cols)
+        kind, chunk = (Int8Linear, INT8_CHUNK_ELEMENTS) if head_bits == 8 else (Int4Linear, ROWS_PER_CHUNK_ELEMENTS)
+        step = max(1, chunk // cols)
         blocks = (_dequantize(head, torch.float32, slice(i, i + step)) for i in range(0, rows, step))
-        prebuilt["lm_head"] = Int8Linear.from_row_blocks(blocks, (rows, cols))
+        prebuilt["lm_head"] = kind.from_row_blocks(blocks, (rows, cols))
         kept.add("lm_head.weight")
     return prebuilt, frozenset(kept)
 

@@ -256,13 +256,25 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
-        w = linear.weight.detach().float()
-        n, k = w.shape
-        out = cls(k, n, linear.bias is not None, group_size, device=w.device)
-        rows = max(1, ROWS_PER_CHUNK_ELEMENTS // k)
-        for r in range(0, n, rows):
-            out._set_codes(r, *fit_int4_groups(w[r : r + rows], group_size, cls.BITS))
-        out._set_bias(linear.bias)
+        w = linear.weight.detach()
+        rows = max(1, ROWS_PER_CHUNK_ELEMENTS // linear.in_features)
+        blocks = (w[r : r + rows] for r in range(0, linear.out_features, rows))
+        return cls.from_row_blocks(blocks, tuple(w.shape), linear.bias, group_size, device=w.device)
+
+    @classmethod
+    def from_row_blocks(cls, blocks: Iterable[torch.Tensor], shape: tuple[int, int], bias: torch.Tensor | None = None,
+                        group_size: int = 32, device: torch.device | str | None = None) -> Int4Linear:  # fmt: skip
+        """From the weight's rows, a block of them at a time (as ``Int8Linear.from_row_blocks``), each block's
+        groups fitted as ``from_linear`` fits them."""
+        n, k = shape
+        out = cls(k, n, bias is not None, group_size, device=device)
+        at = 0
+        for block in blocks:
+            out._set_codes(at, *fit_int4_groups(block.float(), group_size, cls.BITS))
+            at += len(block)
+        if at != n:
+            raise ValueError(f"row blocks gave {at} rows, the weight has {n}")
+        out._set_bias(bias)
         return out
 
     @classmethod

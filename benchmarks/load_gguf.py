@@ -1,5 +1,6 @@
 """Loading the demo GGUF: qwenlm's header parser and dequantiser against the gguf package's, and whole loads
-(tokenizer + model, per precision) against llama.cpp's, in one run.
+(tokenizer + model, per precision) against llama.cpp's, in one run, with each whole load's peak resident
+memory (VmHWM) and what stays resident after it.
 
     python benchmarks/load_gguf.py [--runs 3] [--threads 2] [--json OUT]
 
@@ -27,8 +28,11 @@ if sys.argv[2] == "llamacpp":
 else:
     from qwenlm.checkpoint import load_model, load_tokenizer
     load_tokenizer(sys.argv[1])
-    load_model(sys.argv[1], dtype="float32", device="cpu", quantize={"fp32": None, "int8": 8, "int4": 4}[sys.argv[2]])
-print(time.perf_counter() - t)
+    quantize = {"fp32": None, "int8": 8, "int4": 4, "gguf": "gguf"}[sys.argv[2]]
+    load_model(sys.argv[1], dtype="float32", device="cpu", quantize=quantize)
+seconds = time.perf_counter() - t
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(seconds, int(status["VmHWM"].split()[0]) / 1024, int(status["VmRSS"].split()[0]) / 1024)
 """
 
 
@@ -82,28 +86,38 @@ def main() -> None:
 
     rows.append(("dequantise all blocks", timed(ours, args.runs), timed(theirs, args.runs), "gguf.quants"))
 
-    def fresh(engine: str) -> float:
-        out = subprocess.run([sys.executable, "-c", LOAD, str(path), engine, str(args.threads)], capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        return float(out.stdout.split()[-1])
+    def fresh(engine: str) -> tuple[float, float, float]:
+        """Median seconds, peak MB and resident MB after loading, of --runs loads in fresh processes."""
+        runs = []
+        for _ in range(args.runs):
+            out = subprocess.run([sys.executable, "-c", LOAD, str(path), engine, str(args.threads)],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+            runs.append([float(v) for v in out.stdout.split()[-3:]])
+        return tuple(statistics.median(column) for column in zip(*runs))
 
+    memory = {}
     try:
         import llama_cpp  # noqa: F401
 
-        floor = statistics.median(fresh("llamacpp") for _ in range(args.runs))
+        floor, *memory["llamacpp"] = fresh("llamacpp")
     except ImportError:
         floor = None
-    for precision in ("fp32", "int8", "int4"):
-        s = statistics.median(fresh(precision) for _ in range(args.runs))
+    for precision in ("fp32", "int8", "int4", "gguf"):
+        s, *memory[precision] = fresh(precision)
         rows.append((f"whole load, {precision}", s, floor, "llama.cpp"))
 
     print(f"{'step':<24} {'qwenlm s':>9} {'peer s':>9} {'peer/qwenlm':>12}  peer")
     for step, mine, peer, who in rows:
         ratio = f"{peer / mine:.2f}" if peer else "-"
         print(f"{step:<24} {mine:9.2f} {peer if peer is not None else float('nan'):9.2f} {ratio:>12}  {who}")
+    print(f"{'whole load of':<24} {'peak MB':>9} {'after MB':>9}")
+    for engine, (peak, after) in memory.items():
+        print(f"{engine:<24} {peak:9.0f} {after:9.0f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([dict(step=s, qwenlm_s=m, peer_s=p, peer=w) for s, m, p, w in rows], f, indent=1)
+            steps = [dict(step=s, qwenlm_s=m, peer_s=p, peer=w) for s, m, p, w in rows]
+            peaks = {engine: dict(peak_mb=peak, after_mb=after) for engine, (peak, after) in memory.items()}
+            json.dump({"steps": steps, "memory": peaks}, f, indent=1)
 
 
 if __name__ == "__main__":

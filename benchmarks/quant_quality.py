@@ -7,7 +7,7 @@ Same samples for every precision: the documents concatenated (joined with <|endo
 ``--length``-token samples, ``--budget`` tokens in all. ``--per-kind`` then quantises one kind of linear
 layer at a time to int4 (the rest bf16), to show where the int4 loss comes from. ``--calibration`` adds
 int4 calibrated with GPTQ on those files (``qwenlm quantize --bits 4 --calibration``); use text other than
-``--data``.
+``--data``. ``--precisions int8,int8-row-embedding`` shows what rounding a float embedding per row costs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from qwenlm.bench import with_precision
 from qwenlm.checkpoint import load_model, load_tokenizer
 from qwenlm.demo import demo_model_path
 from qwenlm.eval.perplexity import make_samples, perplexity, read_documents, tokenize_documents
-from qwenlm.quant import Quantizer, gguf_grids
+from qwenlm.quant import Int8Embedding, Quantizer, gguf_grids
 from qwenlm.quant.gptq import calibration_batches, quantize_calibrated, read_texts
 
 
@@ -38,7 +38,10 @@ def main() -> None:
                          "decoding kernels: qwenlm's AVX-512 one and PyTorch's) and at once")  # fmt: skip
     ap.add_argument("--calibration", nargs="+", help="also int4 calibrated (GPTQ) on these files")
     ap.add_argument("--calibration-tokens", type=int, default=16_384)
-    ap.add_argument("--precisions", default="fp32,bf16,int8,int4", help="comma-separated (default: all four)")
+    ap.add_argument("--precisions", default="fp32,bf16,int8,int4",
+                    help="comma-separated (default: the first four): fp32, bf16, int8, int4, gguf, or "
+                         "int8-row-embedding (int8 with the input embedding rounded per row from the "
+                         "dequantised floats instead of taken over as the GGUF's codes)")  # fmt: skip
     args = ap.parse_args()
     path = demo_model_path(progress_bar=False)
     tok = load_tokenizer(path)
@@ -46,7 +49,7 @@ def main() -> None:
     samples = make_samples(docs, args.length, args.budget, eod_id=tok.eod_id)
     base = load_model(path, dtype="float32", device="cpu")
     print(f"{samples.shape[0]} samples x {args.length} tokens")
-    print(f"{'precision':9s} {'perplexity':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'seconds':>8s}")
+    print(f"{'precision':18s} {'perplexity':>10s} {'vs fp32':>8s} {'vs bf16':>8s} {'seconds':>8s}")
     ppl = {}
     precisions = args.precisions.split(",") + (["int4-gptq"] if args.calibration else [])
     for precision in precisions:
@@ -56,6 +59,9 @@ def main() -> None:
             model = quantize_calibrated(copy.deepcopy(base), batches, grids=gguf_grids(path, 4))
             print(f"(calibrated on {sum(b.numel() for b in batches)} tokens in {time.perf_counter() - t:.0f} s)")
             t = time.perf_counter()
+        elif precision == "int8-row-embedding":  # int8, the embedding rounded per row from its floats
+            model = with_precision(copy.deepcopy(base), "int8", source=path)
+            model.transformer.wte = Int8Embedding.from_weight(base.transformer.wte.weight)
         else:
             model = with_precision(copy.deepcopy(base), precision, source=path)
         ppl[precision] = perplexity(model, samples)
@@ -64,7 +70,7 @@ def main() -> None:
             return f"{(ppl[precision] / ppl[ref] - 1) * 100:+.2f}%" if ref in ppl else "-"
 
         print(
-            f"{precision:9s} {ppl[precision]:10.4f} {rel('fp32'):>8s} {rel('bf16'):>8s} {time.perf_counter() - t:8.1f}"
+            f"{precision:18s} {ppl[precision]:10.4f} {rel('fp32'):>8s} {rel('bf16'):>8s} {time.perf_counter() - t:8.1f}"
         )
         del model
     assert all(math.isfinite(v) for v in ppl.values())

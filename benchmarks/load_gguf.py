@@ -24,12 +24,12 @@ torch.set_num_threads(int(sys.argv[3]))
 t = time.perf_counter()
 if sys.argv[2] == "llamacpp":
     from llama_cpp import Llama
-    Llama(model_path=sys.argv[1], n_threads=int(sys.argv[3]), n_ctx=512, verbose=False)
+    model = Llama(model_path=sys.argv[1], n_threads=int(sys.argv[3]), n_ctx=512, verbose=False)
 else:
     from qwenlm.checkpoint import load_model, load_tokenizer
-    load_tokenizer(sys.argv[1])
+    tokenizer = load_tokenizer(sys.argv[1])  # kept, with the model, for the resident memory after loading
     quantize = {"fp32": None, "int8": 8, "int4": 4, "gguf": "gguf"}[sys.argv[2]]
-    load_model(sys.argv[1], dtype="float32", device="cpu", quantize=quantize)
+    model = load_model(sys.argv[1], dtype="float32", device="cpu", quantize=quantize)
 seconds = time.perf_counter() - t
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(seconds, int(status["VmHWM"].split()[0]) / 1024, int(status["VmRSS"].split()[0]) / 1024)

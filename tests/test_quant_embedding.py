@@ -85,21 +85,28 @@ def test_a_float_gguf_embedding_is_rounded_per_row(tmp_path):
     assert torch.equal(model.transformer.wte.scale, expected.scale)
 
 
-def test_gguf_loading_never_dequantises_the_embedding_or_the_int8_head_whole(tmp_path, monkeypatch):
-    path = tmp_path / "m.gguf"
-    write_tiny_gguf(path, TinySpec(types={"token_embd.weight": Q.Q5_0, "output.weight": Q.Q8_0}))
+def _load_in_head_blocks(path, monkeypatch, chunk: str, quantize) -> tuple[QwenForCausalLM, QwenForCausalLM, list]:
+    """The fp32 model and ``path`` loaded at ``quantize`` with the linears' ``chunk`` constant set to 100 rows
+    of the tiny head, and the (tensor name, rows) of every dequantisation of that load; asserts that the
+    head was dequantised in blocks of at most 100 rows, every row once."""
     fp32 = load_model(path, dtype="float32", device="cpu")
     calls = []
     real = qwenlm.gguf._dequantize
     monkeypatch.setattr(qwenlm.gguf, "_dequantize",
                         lambda t, dtype, rows=None: calls.append((t.name, rows)) or real(t, dtype, rows))  # fmt: skip
-    monkeypatch.setattr(linear_module, "INT8_CHUNK_ELEMENTS", 64 * 100)  # blocks of 100 rows of the head
-    model = load_model(path, dtype="float32", device="cpu", quantize="gguf")
-    assert not [n for n, _ in calls if n == "token_embd.weight"]
+    monkeypatch.setattr(linear_module, chunk, 64 * 100)  # blocks of 100 rows of the head
+    model = load_model(path, dtype="float32", device="cpu", quantize=quantize)
     head_blocks = [rows for n, rows in calls if n == "output.weight"]
-    vocab = fp32.config.vocab_size
     assert head_blocks and all(r is not None and r.stop - r.start <= 100 for r in head_blocks)
-    assert len(head_blocks) == -(-vocab // 100)  # every row, in blocks
+    assert len(head_blocks) == -(-fp32.config.vocab_size // 100)  # every row, in blocks
+    return fp32, model, calls
+
+
+def test_gguf_loading_never_dequantises_the_embedding_or_the_int8_head_whole(tmp_path, monkeypatch):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, TinySpec(types={"token_embd.weight": Q.Q5_0, "output.weight": Q.Q8_0}))
+    fp32, model, calls = _load_in_head_blocks(path, monkeypatch, "INT8_CHUNK_ELEMENTS", "gguf")
+    assert not [n for n, _ in calls if n == "token_embd.weight"]
     # the same head as rounding the whole dequantised weight
     whole = Int8Linear.from_linear(fp32.lm_head)
     assert torch.equal(model.lm_head.weight, whole.weight) and torch.equal(model.lm_head.scales, whole.scales)
@@ -109,16 +116,7 @@ def test_gguf_loading_never_dequantises_the_embedding_or_the_int8_head_whole(tmp
 def test_an_int4_load_fits_the_gguf_head_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
     path = tmp_path / "m.gguf"
     write_tiny_gguf(path, TinySpec(types={"token_embd.weight": Q.Q8_0, "output.weight": Q.Q8_0}))
-    fp32 = load_model(path, dtype="float32", device="cpu")
-    calls = []
-    real = qwenlm.gguf._dequantize
-    monkeypatch.setattr(qwenlm.gguf, "_dequantize",
-                        lambda t, dtype, rows=None: calls.append((t.name, rows)) or real(t, dtype, rows))  # fmt: skip
-    monkeypatch.setattr(linear_module, "ROWS_PER_CHUNK_ELEMENTS", 64 * 100)  # blocks of 100 rows of the head
-    model = load_model(path, dtype="float32", device="cpu", quantize=4)
-    head_blocks = [rows for n, rows in calls if n == "output.weight"]
-    assert head_blocks and all(r is not None and r.stop - r.start <= 100 for r in head_blocks)
-    assert len(head_blocks) == -(-fp32.config.vocab_size // 100)
+    fp32, model, _ = _load_in_head_blocks(path, monkeypatch, "ROWS_PER_CHUNK_ELEMENTS", 4)
     whole = Int4Linear.from_linear(fp32.lm_head)  # the same head as fitting the whole dequantised weight
     assert type(model.lm_head) is Int4Linear
     assert torch.equal(model.lm_head.qweight, whole.qweight)

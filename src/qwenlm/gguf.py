@@ -268,11 +268,12 @@ def read_gguf_prebuilt(path: str | Path, head_bits: int | None = None) -> tuple[
       demo model) never exists whole.
     """
     from .quant.embedding import Int8Embedding
-    from .quant.linear import INT8_CHUNK_ELEMENTS, ROWS_PER_CHUNK_ELEMENTS, Int4Linear, Int8Linear
+    from .quant.linear import Int4Linear, Int8Linear
 
     path = Path(path)
     reader = open_gguf(path)
     by_name = {t.name: t for t in reader.tensors}
+    hf_name = _QWEN2_NAMES if reader.metadata["general.architecture"] == "qwen2" else _QWEN_NAMES
     prebuilt: dict[str, Any] = {}
     kept = set()
     embedding = by_name.get("token_embd.weight")
@@ -281,16 +282,15 @@ def read_gguf_prebuilt(path: str | Path, head_bits: int | None = None) -> tuple[
         prebuilt["transformer.wte"] = Int8Embedding.from_codes(
             *gguf_dequant.codes_of(embedding.data, embedding.type_name, shape)
         )
-        kept.add("model.embed_tokens.weight" if reader.metadata["general.architecture"] == "qwen2"
-                 else "transformer.wte.weight")  # fmt: skip
+        kept.add(hf_name[embedding.name])
     head = by_name.get("output.weight")
     if head_bits is not None and head is not None:
         rows, cols = _shape(head)
-        kind, chunk = (Int8Linear, INT8_CHUNK_ELEMENTS) if head_bits == 8 else (Int4Linear, ROWS_PER_CHUNK_ELEMENTS)
-        step = max(1, chunk // cols)
+        kind = Int8Linear if head_bits == 8 else Int4Linear
+        step = kind.block_rows(cols)
         blocks = (_dequantize(head, torch.float32, slice(i, i + step)) for i in range(0, rows, step))
         prebuilt["lm_head"] = kind.from_row_blocks(blocks, (rows, cols))
-        kept.add("lm_head.weight")
+        kept.add(hf_name[head.name])
     return prebuilt, frozenset(kept)
 
 

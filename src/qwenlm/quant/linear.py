@@ -153,9 +153,14 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach()
-        rows = max(1, INT8_CHUNK_ELEMENTS // linear.in_features)  # a block at a time: its temporaries stay in cache
+        rows = cls.block_rows(linear.in_features)
         blocks = (w[i : i + rows] for i in range(0, linear.out_features, rows))
         return cls.from_row_blocks(blocks, tuple(w.shape), linear.bias, device=w.device)
+
+    @staticmethod
+    def block_rows(in_features: int) -> int:
+        """Rows rounded per block (``from_linear``, ``from_row_blocks``' callers): its temporaries stay in cache."""
+        return max(1, INT8_CHUNK_ELEMENTS // in_features)
 
     @classmethod
     def from_row_blocks(cls, blocks: Iterable[torch.Tensor], shape: tuple[int, int], bias: torch.Tensor | None = None,
@@ -257,9 +262,14 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
         w = linear.weight.detach()
-        rows = max(1, ROWS_PER_CHUNK_ELEMENTS // linear.in_features)
+        rows = cls.block_rows(linear.in_features)
         blocks = (w[r : r + rows] for r in range(0, linear.out_features, rows))
         return cls.from_row_blocks(blocks, tuple(w.shape), linear.bias, group_size, device=w.device)
+
+    @staticmethod
+    def block_rows(in_features: int) -> int:
+        """Rows fitted per block (``from_linear``, ``from_row_blocks``' callers)."""
+        return max(1, ROWS_PER_CHUNK_ELEMENTS // in_features)
 
     @classmethod
     def from_row_blocks(cls, blocks: Iterable[torch.Tensor], shape: tuple[int, int], bias: torch.Tensor | None = None,

@@ -64,7 +64,7 @@ class Quantizer:
 
     ``prebuilt``: layers already in their quantised form, by name, taken over as they are when their tensors
     come in, e.g. ``gguf.read_gguf_prebuilt(path)``: a GGUF's embedding as its own codes and its LM head
-    rounded to int8 a block of rows at a time, so neither exists whole in float32.
+    rounded (int8 or int4) a block of rows at a time, so neither exists whole in float32.
     """
 
     def __init__(self, model: nn.Module, bits: int, group_size: int = 32, grids: dict[str, Any] | None = None,

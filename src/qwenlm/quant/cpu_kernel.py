@@ -14,8 +14,9 @@ and the rounding of fp32 weights to 4-bit codes while loading (``fit_groups``).
 
 On CPUs with AVX2 and FMA but not AVX-512 VNNI (e.g. AMD Zen 2/3, Intel before Ice Lake), a second build
 provides the decoding operations only (``int4_gemv``, ``int8_gemv``, ``decode_attention``, ``argmax_rows``,
-``fit_groups``: the same layouts, the activations rounded to the same ~15 bits but as int16), not the
-prompt-sized products;
+``fit_groups``: the same layouts; int8 weights against the same ~15-bit activations, as int16; int4 and 5-bit
+weights against int8 activations per block of 8, 1.5x faster there than the ~15 bits and as good on text, see
+``cpu_kernels_avx2.cpp``), not the prompt-sized products;
 ``provides(op)`` says which operations the loaded build has, and the callers take PyTorch's path for the
 others.
 It is compiled on first use with the machine's C++ compiler through ``torch.utils.cpp_extension`` (a few
@@ -262,14 +263,15 @@ def fit_groups(w: torch.Tensor, bits: int, steps: tuple[float, ...]) -> tuple[to
 def high_bits_layout(bits: torch.Tensor) -> torch.Tensor:
     """5-bit weights' fifth bits (N, K) as zeros and ones (``linear.unpack_high``) in the loaded build's layout,
     (N, ceil(K/128) * 16) bytes, 16 per 128 weights: for the AVX-512 build a 64-bit mask of the even positions,
-    then of the odd ones; for the AVX2 build, byte i holds positions 4i + j (bit j) and 64 + 4i + j (bit 4 + j)."""
+    then of the odd ones; for the AVX2 build, byte i holds position 64h + 32u + 2i + e (h, u, e = 0 or 1) in bit
+    4h + 2e + u."""
     from .linear import pack_bits  # (linear imports this module)
 
     n, k = bits.shape
     steps = -(-k // 128)
     bits = torch.cat([bits, bits.new_zeros(n, steps * 128 - k)], dim=1)
-    if _state.get("build") is AVX2:  # (..., byte, bit)
-        planes = bits.reshape(n, steps, 2, 16, 4).permute(0, 1, 3, 2, 4).reshape(n, steps, 16, 8)
+    if _state.get("build") is AVX2:  # (..., h, u, i, e) -> (..., byte i, bit (h, e, u))
+        planes = bits.reshape(n, steps, 2, 2, 16, 2).permute(0, 1, 4, 2, 5, 3).reshape(n, steps, 16, 8)
     else:  # (..., even|odd, byte, bit)
         planes = bits.reshape(n, steps, 64, 2).permute(0, 1, 3, 2).reshape(n, steps, 2, 8, 8)
     return pack_bits(planes).reshape(n, steps * 16).contiguous()

@@ -2,12 +2,19 @@
 // builds this file there instead of cpu_kernels.cpp): int4_gemv (4- and 5-bit weights), int8_gemv,
 // decode_attention, argmax_rows and, for loading, fit_groups, on the same weight layouts as cpu_kernels.cpp (whose
 // header explains them),
-// except the fifth bits of 5-bit weights (high_bits_layout). AVX2 has no byte dot product, and its
-// maddubs (bytes to int16 pairs) would need two instructions per 32 weights for cpu_kernels.cpp's two int8
-// parts of each activation; so the activations are int16 here, x = d * round(x / d) with d = max|x| / 32512
-// per block of 32 (the same ~15 bits: 127 * 256 steps), the codes are widened to int16 by shifts and masks,
-// and madd_epi16 multiplies 16 of each per instruction into exact int32 sums. The results are those of
-// cpu_kernels.cpp up to the order of float sums (and its residual's saturation at +127/256 of a step). The
+// except the fifth bits of 5-bit weights (high_bits_layout). AVX2 has no byte dot product: its maddubs (unsigned
+// bytes times signed bytes, pairs summed into int16) and madd_epi16 (int16 pairs into int32) run at about one
+// 256-bit instruction per two cycles on a Zen 1, so what counts here is multiplying instructions per weight.
+// int4/int5: the activations are int8 per block of 8 (x = d round(x / d), d = max|x| / 127; llama.cpp's Q8
+// rounding on blocks a quarter as long), multiplied by the codes as bytes with maddubs: 6 multiplying
+// instructions per 128 weights (see below). cpu_kernels.cpp's two int8 parts (~15 bits) would need twice the
+// maddubs; an earlier version of this file held them as int16 (x / d in 127 * 256 steps per block of 32) and
+// widened the codes to int16 by shifts and masks: 8 madd_epi16 and 6 shifts per 128 weights (14 for 5-bit
+// weights), 1.5x slower for the demo model's 4-bit layers. Text scored through decode_step at int4 (the demo
+// model, 2 x 512 tokens) had perplexity 17.5494 this way, 17.5523 with the int16 activations
+// (benchmarks/RESULTS.md). int8: the activations int16 (the ~15 bits), the int8 weights widened to int16 and
+// multiplied 16 at a time with madd_epi16 into exact int32 sums, as cpu_kernels.cpp up to the order of float
+// sums (and its residual's saturation at +127/256 of a step). The
 // prompt-sized products (int8_matmul, int4_to_int8) are not built here: PyTorch's run instead
 // (cpu_kernel.provides).
 
@@ -70,19 +77,23 @@ inline float block_int16(const float* x, int16_t* out) {
 }
 
 // ---- int4 / int5 weights ----------------------------------------------------------------------------------
-// A step of four groups (128 weights, a 64-byte line of codes) is two halves of 32 bytes; 16-bit word i of half
-// h holds the codes of positions 64h + 4i + J in its four nibbles J = 0..3 (Int4Linear's layout: weight 2b in
-// the low nibble of byte b). Shifts and masks take nibble J of every word into a register of 16 int16 codes;
-// madd_epi16 multiplies them by the int16 activations of the same positions (stored in that order: per half,
-// J, then i) and sums adjacent pairs, so each int32 lane belongs to one group (lanes 0-3: group 2h, 4-7:
-// 2h + 1). 5-bit weights' fifth bits come as 16 bytes per step, byte i holding bit 4h + J for position
-// 64h + 4i + J (high_bits_layout for this build), added as 16 to the codes.
+// A step of four groups (128 weights, a 64-byte line of codes) is two halves of 32 bytes, h = 0, 1 (positions
+// 64h..64h+63: groups 2h and 2h + 1). A half's low nibbles (and mask) are its even positions 64h + 2b, its high
+// nibbles (shift and mask) its odd ones, b = 0..31 (Int4Linear's layout: weight 2b in the low nibble of byte b).
+// The activations are int8 per block of 8 positions, x = d round(x / d) with d = max|x| / 127, stored per half
+// as the even positions then the odd ones, so that maddubs (unsigned codes times signed activations, pairs
+// summed into int16, at most 2 * 31 * 127) of the two, added (at most 15,748) and summed in pairs again into
+// int32 by madd_epi16 with ones, leaves in int32 lane l of a half the 8 positions 64h + 8l..8l + 7: one
+// activation block (its d per lane) of one group (lanes 0-3: group 2h, 4-7: 2h + 1). Per 128 weights 6
+// multiplying instructions and 2 shifts (the 16-bit activations of an earlier version: 8 and 6). 5-bit weights'
+// fifth bits come as 16 bytes per step (high_bits_layout for this build): bit 2r + u of byte i belongs to the
+// byte 16u + i of nibble register r (the low, high nibbles of half 0, then of half 1), added as 16 to the codes.
 
 struct Activations {
   int64_t steps;           // ceil(groups / 4)
-  std::vector<int16_t> x;  // (M, steps, 128) int16, in the order above; zeros past the row's groups
-  std::vector<float> dx;   // (M, steps, 16): per lane of a half's product, the scale d of its group
-  std::vector<float> xs;   // (M, steps, 8): [-offset sum_g, sum_g] per group against [s_g, z_g]
+  std::vector<int8_t> x;   // (M, steps, 128) int8 in the order above; zeros past the row's groups
+  std::vector<float> dx;   // (M, steps, 16): per int32 lane of a half's product, the d of its block of 8
+  std::vector<float> xs;   // (M, steps, 8): [-offset sum_g(rounded x), sum_g(x)] per group against [s_g, z_g]
 };
 
 // offset: 8 for 4-bit codes, 16 for 5-bit ones (w = (q - offset) * s + z)
@@ -93,24 +104,31 @@ Activations prepare(const float* x, int64_t m_rows, int64_t k, float offset) {
   a.x.resize(m_rows * a.steps * 128);
   a.dx.resize(m_rows * a.steps * 16);
   a.xs.resize(m_rows * a.steps * 8);
-  alignas(32) int16_t block[kGroup];
+  alignas(32) int32_t q[8];
   for (int64_t m = 0; m < m_rows; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t at_ = m * a.steps + g / kStep, h = g % kStep;
+      const int64_t at_ = m * a.steps + g / kStep, h = (g % kStep) / 2, upper = g % 2;
       const float* xg = x + m * k + g * kGroup;
-      const float d = block_int16(xg, block);
-      int16_t* half = a.x.data() + at_ * 128 + (h / 2) * 64;
-      for (int64_t p = 0; p < kGroup; ++p) {
-        const int64_t pos = (h % 2) * 32 + p;  // the position within the half: 4 i + J
-        half[(pos % 4) * 16 + pos / 4] = block[p];
+      int8_t* half = a.x.data() + at_ * 128 + h * 64;
+      __m256 sum = _mm256_setzero_ps(), rounded = _mm256_setzero_ps();
+      for (int64_t j = 0; j < 4; ++j) {  // the group's blocks of 8: lanes 4 upper + j of the half's product
+        const __m256 v = _mm256_loadu_ps(xg + 8 * j);
+        sum = _mm256_add_ps(sum, v);
+        const float amax = hmax(abs_ps(v)), d = amax / 127.f;
+        const __m256i qv = _mm256_cvtps_epi32(_mm256_mul_ps(v, _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f)));
+        rounded = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qv), _mm256_set1_ps(d), rounded);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q), qv);
+        for (int64_t i = 0; i < 8; ++i) {  // position 32 upper + 8 j + i of the half: odd ones after the even
+          const int64_t e = 32 * upper + 8 * j + i;
+          half[(e % 2) * 32 + e / 2] = static_cast<int8_t>(q[i]);
+        }
+        a.dx[at_ * 16 + h * 8 + 4 * upper + j] = d;
       }
-      __m256 sum = _mm256_setzero_ps();
-      for (int j = 0; j < 4; ++j) sum = _mm256_add_ps(sum, _mm256_loadu_ps(xg + 8 * j));
-      float* dv = a.dx.data() + at_ * 16;
-      for (int64_t l = 0; l < 4; ++l) dv[h * 4 + l] = d;
+      // the offset against the rounded activations, so that their rounding errors meet q - offset (-8..7 or
+      // -16..15), not q (0..15 or 0..31): half the error; the zeros against the exact ones
       float* s = a.xs.data() + at_ * 8;
-      s[2 * h] = -offset * hsum(sum);
-      s[2 * h + 1] = hsum(sum);
+      s[2 * (g % kStep)] = -offset * hsum(rounded);
+      s[2 * (g % kStep) + 1] = hsum(sum);
     }
   }
   return a;
@@ -123,30 +141,20 @@ struct RowBlock {
   int64_t code_stride, scale_stride, high_stride, lead;
 };
 
-// weight rows per call: two for one or two activation rows, else one (16 registers)
-template <int M>
-constexpr int kRowsAtOnce = M <= 2 ? 2 : 1;
-
-// Nibble J of every 16-bit word of v as int16; Five: plus 16 where bit `bit` of the word's fifth-bit byte
-// (fifth, widened to 16 bits) is set
-template <int J, bool Five>
-inline __m256i nibble(__m256i v, __m256i fifth, int bit) {
-  const __m256i low4 = _mm256_set1_epi16(0x000F);
-  __m256i c = J == 0   ? _mm256_and_si256(v, low4)
-              : J == 3 ? _mm256_srli_epi16(v, 12)
-                       : _mm256_and_si256(_mm256_srli_epi16(v, 4 * J), low4);
-  if (Five) {
-    const __m256i b = bit <= 4 ? _mm256_slli_epi16(fifth, 4 - bit) : _mm256_srli_epi16(fifth, bit - 4);
-    c = _mm256_or_si256(c, _mm256_and_si256(b, _mm256_set1_epi16(16)));
-  }
-  return c;
-}
+// bytes a b of a bf16 as the upper half of an fp32, in four 32-bit lanes (a pshufb control; -1: a zero byte)
+#define QWENLM_BF16_LANES(a, b) -1, -1, a, b, -1, -1, a, b, -1, -1, a, b, -1, -1, a, b
 
 // One step (four groups) of the block's R rows against M activation rows; Masked: the rows' last groups,
 // fewer than four (`left`), read through a zeroed copy so that nothing past the row is read.
 template <int M, int R, bool Five, bool Masked>
 inline void step(const RowBlock& b, const Activations& act, int64_t t, int64_t left, __m256 (&acc)[R][M][2]) {
-  const __m256i half_a = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2), half_b = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16), ones = _mm256_set1_epi16(1);
+  // from the step's 8 bf16 [s0 z0 s1 z1 s2 z2 s3 z3] (in both 128-bit lanes): a half's scales per int32 lane
+  // of its product (s of group 2h, then 2h + 1), and all eight as fp32
+  const __m256i half_scales[2] = {_mm256_setr_epi8(QWENLM_BF16_LANES(0, 1), QWENLM_BF16_LANES(4, 5)),
+                                  _mm256_setr_epi8(QWENLM_BF16_LANES(8, 9), QWENLM_BF16_LANES(12, 13))};
+  const __m256i all_scales = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
+                                              -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
   const uint8_t* codes = b.codes + t * 64;
   const uint16_t* scales = b.scales + t * 8;
   const uint8_t* high = Five ? b.high + t * kHighBytes : nullptr;
@@ -168,31 +176,40 @@ inline void step(const RowBlock& b, const Activations& act, int64_t t, int64_t l
       wp = wbuf;
       sp = sbuf;
     }
-    __m256i fifth = _mm256_setzero_si256();
-    if (Five) fifth = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(high + r * b.high_stride)));
-    const __m256 sz = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp))), 16));
-    const __m256 sv[2] = {_mm256_permutevar8x32_ps(sz, half_a), _mm256_permutevar8x32_ps(sz, half_b)};
+    const __m256i sb = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp)));
+    const __m256 sv[2] = {_mm256_castsi256_ps(_mm256_shuffle_epi8(sb, half_scales[0])),
+                          _mm256_castsi256_ps(_mm256_shuffle_epi8(sb, half_scales[1]))};
+    const __m256 sz = _mm256_castsi256_ps(_mm256_shuffle_epi8(sb, all_scales));
+    __m256i c[4];  // the codes: low and high nibbles of half 0, then of half 1
     for (int h = 0; h < 2; ++h) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * h));
-      const __m256i c0 = nibble<0, Five>(v, fifth, 4 * h), c1 = nibble<1, Five>(v, fifth, 4 * h + 1);
-      const __m256i c2 = nibble<2, Five>(v, fifth, 4 * h + 2), c3 = nibble<3, Five>(v, fifth, 4 * h + 3);
-      for (int m = 0; m < M; ++m) {
-        const int64_t at_ = m * act.steps + t;
-        const __m256i* xv = reinterpret_cast<const __m256i*>(act.x.data() + at_ * 128 + 64 * h);
-        // the half's sums of q x per lane, exact in int32 (at most 8 * 31 * 32512)
-        const __m256i d01 = _mm256_add_epi32(_mm256_madd_epi16(c0, _mm256_loadu_si256(xv)),
-                                             _mm256_madd_epi16(c1, _mm256_loadu_si256(xv + 1)));
-        const __m256i d23 = _mm256_add_epi32(_mm256_madd_epi16(c2, _mm256_loadu_si256(xv + 2)),
-                                             _mm256_madd_epi16(c3, _mm256_loadu_si256(xv + 3)));
-        const __m256 c = _mm256_mul_ps(sv[h], _mm256_loadu_ps(act.dx.data() + at_ * 16 + 8 * h));
-        acc[r][m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d01, d23)), c, acc[r][m][h]);
-      }
+      c[2 * h] = _mm256_and_si256(v, low4);
+      c[2 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
     }
-    for (int m = 0; m < M; ++m)  // (z - offset s) sum, per group
-      acc[r][m][0] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(act.xs.data() + (m * act.steps + t) * 8), acc[r][m][0]);
+    if (Five) {  // bit 2n + u of byte i -> 16 in byte 16u + i of register n: the upper lane shifted by one bit,
+      // then register n's bit 2n moved to bit 4 (shifts of 16-bit words: no bit below 4 crosses a byte)
+      const __m128i f = _mm_loadu_si128(reinterpret_cast<const __m128i*>(high + r * b.high_stride));
+      const __m256i hb = _mm256_inserti128_si256(_mm256_castsi128_si256(f), _mm_srli_epi16(f, 1), 1);
+      c[0] = _mm256_or_si256(c[0], _mm256_and_si256(_mm256_slli_epi16(hb, 4), sixteen));
+      c[1] = _mm256_or_si256(c[1], _mm256_and_si256(_mm256_slli_epi16(hb, 2), sixteen));
+      c[2] = _mm256_or_si256(c[2], _mm256_and_si256(hb, sixteen));
+      c[3] = _mm256_or_si256(c[3], _mm256_and_si256(_mm256_srli_epi16(hb, 2), sixteen));
+    }
+    for (int m = 0; m < M; ++m) {
+      const int64_t at_ = m * act.steps + t;
+      const __m256i* xv = reinterpret_cast<const __m256i*>(act.x.data() + at_ * 128);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(c[2 * h], _mm256_loadu_si256(xv + 2 * h)),
+                                               _mm256_maddubs_epi16(c[2 * h + 1], _mm256_loadu_si256(xv + 2 * h + 1)));
+        const __m256 d = _mm256_mul_ps(sv[h], _mm256_loadu_ps(act.dx.data() + at_ * 16 + 8 * h));
+        acc[r][m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d, acc[r][m][h]);
+      }
+      // (z - offset s) sum, per group
+      acc[r][m][0] = _mm256_fmadd_ps(sz, _mm256_loadu_ps(act.xs.data() + at_ * 8), acc[r][m][0]);
+    }
   }
 }
+#undef QWENLM_BF16_LANES
 
 template <int M, int R, bool Five>
 void rows(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activations& act, int64_t k, int64_t n,
@@ -211,8 +228,8 @@ void rows(const uint8_t* w, const uint16_t* s, const uint8_t* high, const Activa
 
 // what int4_gemv_with (cpu_kernels_common.h) calls
 struct Int4 {
-  template <int M>
-  static constexpr int kRows = kRowsAtOnce<M>;
+  template <int M>  // one weight row per call: two (the registers spilled) were ~4 % slower decoding on a Zen 1
+  static constexpr int kRows = 1;
   static Activations activations(const float* x, int64_t m_rows, int64_t k, float offset) {
     return prepare(x, m_rows, k, offset);
   }
@@ -274,8 +291,8 @@ void rows8(const int8_t* w, const uint16_t* scales, const Activations8& act, int
 
 // what int8_gemv_with (cpu_kernels_common.h) calls
 struct Int8 {
-  template <int M>
-  static constexpr int kRows = kRowsAtOnce<M>;
+  template <int M>  // weight rows per call: two for one or two activation rows, else one (16 registers)
+  static constexpr int kRows = M <= 2 ? 2 : 1;
   static Activations8 activations(const float* x, int64_t m_rows, int64_t k) { return prepare8(x, m_rows, k); }
   template <int M, int R, typename... A>
   static void block(const A&... a) {

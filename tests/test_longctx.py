@@ -228,7 +228,8 @@ def naive_model_logits(model: QwenForCausalLM, ids: torch.Tensor, key_mask: torc
         cos, sin = tr.rotary.cos_sin(0, t, alphas, h.device)
         a = block.attn
         x = block.ln_1(h)
-        q, k, v = a.c_attn(x).split(a.split, dim=-1)
+        kv_size = a.n_kv_heads * a.head_dim
+        q, k, v = a.c_attn(x).split((a.n_heads * a.head_dim, kv_size, kv_size), dim=-1)
         q = apply_rotary(q.view(b, t, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
         k = apply_rotary(k.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)

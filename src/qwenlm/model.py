@@ -23,6 +23,7 @@ from .config import QwenConfig
 from .generation.exported import ExportedDecoder
 from .generation.graphs import GraphDecoder
 from .longctx import DynamicNTK, LogNScaling, NoLogN, PlainRoPE, WindowSchedule, position_policies, window_schedule
+from .quant import cpu_kernel
 from .rope import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -30,12 +31,20 @@ if TYPE_CHECKING:
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale. ``own_kernel`` (set by quantisation, whose layers load qwenlm's
+    CPU kernels anyway): float32 rows on the CPU without gradients go through ``cpu_kernel.rms_norm``, one
+    operation instead of eight (equal to ~1e-7; compiled passes keep PyTorch's, which inductor fuses)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.own_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.own_kernel and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and cpu_kernel.provides("rms_norm")):  # fmt: skip
+            return cpu_kernel.rms_norm(x, self.weight, self.eps)
         # fp32 statistics whatever the input dtype; cast back *before* the weight, as the reference does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -1,6 +1,7 @@
 """Quantisation as a rewrite of a built model: every ``nn.Linear`` of the decoder blocks and the LM head
 is swapped for a quantised linear, and the input embedding for an int8 table (``Int8Embedding``; not when the
-LM head shares it). The model code does not know; norms stay as they are."""
+LM head shares it). The model code does not know; norms keep their weights, and their float32 rows on the CPU
+go through qwenlm's kernel (``RMSNorm.own_kernel``; the quantised layers load those kernels anyway)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ class Quantizer:
         self.model, self.prebuilt = model, dict(prebuilt or {})
         self.embedding_pending = not tied and isinstance(model.get_submodule(EMBEDDING), nn.Embedding)
         model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None}
+        for module in model.modules():
+            if hasattr(module, "own_kernel"):  # model.RMSNorm (which imports this package)
+                module.own_kernel = True
         self.quantization = model.quantization
 
     def loaded(self, tensor_name: str) -> None:

@@ -10,7 +10,8 @@ benchmarks/RESULTS.md). For batches and prompts it splits activation rows the sa
 of a few rows or PyTorch's int8 matrix product (``int8_matmul``; int4 weights go in as int8 rows,
 ``int4_to_int8``). And the attention of one
 new token against the KV cache (``decode_attention``), which PyTorch's CPU SDPA does 3-4x slower at these sizes,
-and the rounding of fp32 weights to 4-bit codes while loading (``fit_groups``).
+and the rounding of fp32 weights to 4-bit codes while loading (``fit_groups``). Both builds also have two small
+operations of eager decoding, each one call for several of PyTorch's (``rms_norm``, ``rotary``).
 
 On CPUs with AVX2 and FMA but not AVX-512 VNNI (e.g. AMD Zen 2/3, Intel before Ice Lake), a second build
 provides the decoding operations only (``int4_gemv``, ``int8_gemv``, ``decode_attention``, ``argmax_rows``,
@@ -61,7 +62,7 @@ AVX512 = Build("qwenlm_cpu_kernels", "avx512", HERE / "cpu_kernels.cpp",
                ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"),
                ("-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-ffp-contract=off"),
                frozenset({"int4_gemv", "int8_gemv", "int8_matmul", "int4_to_int8", "decode_attention",
-                          "decode_attention_upto", "argmax_rows", "fit_groups"}),
+                          "decode_attention_upto", "argmax_rows", "fit_groups", "rms_norm", "rotary"}),
                # at 4 rows int4_gemv was even with PyTorch's int4 kernel on a Zen 4 and 0.67x on a Zen 5, at 2 rows
                # 1.3x: batches of 3 or more go to PyTorch's; int8_gemv against int8_matmul (its own loop for few
                # rows) on the Zen 5: 1.3x at 1 row, even at 2, 0.7-0.8x at 3-4: from 3 rows int8_matmul
@@ -70,7 +71,7 @@ AVX512 = Build("qwenlm_cpu_kernels", "avx512", HERE / "cpu_kernels.cpp",
 AVX2 = Build("qwenlm_cpu_kernels_avx2", "avx2", HERE / "cpu_kernels_avx2.cpp", ("avx2", "fma", "f16c"),
              ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"),
              frozenset({"int4_gemv", "int8_gemv", "decode_attention", "decode_attention_upto", "argmax_rows",
-                        "fit_groups"}),
+                        "fit_groups", "rms_norm", "rotary"}),
              # at 8 rows int4_gemv was 1.4x PyTorch's int4 kernel (benchmarks/RESULTS.md); both take every
              # decoding batch (below linear.PREFILL_ROWS)
              16, 16)  # fmt: skip
@@ -150,6 +151,10 @@ def _attention(q: torch.Tensor, *_: object) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def _like(x: torch.Tensor, *_: object) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], dtype=torch.int64)
 
@@ -174,6 +179,8 @@ _FAKES = {
     "argmax_rows": _argmax,
     "fit_groups": _fit,
     "int4_to_int8": _to_int8,
+    "rms_norm": _like,
+    "rotary": _like,
 }
 
 
@@ -291,6 +298,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if length is None:
         return torch.ops.qwenlm_cpu.decode_attention(q, k, v, bias)
     return torch.ops.qwenlm_cpu.decode_attention_upto(q, k, v, bias, length)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``model.RMSNorm`` of float32 rows ``x`` (..., K) with ``weight`` (K,) in one operation instead of eight:
+    ``(x * (1 / sqrt(mean(x^2) + eps))) * weight`` in the reference's order, the squares summed in another
+    order than PyTorch's mean (equal to ~1e-7)."""
+    return torch.ops.qwenlm_cpu.rms_norm(x, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rope.apply_rotary`` of float32 ``x`` (B, T, H, D) with rows of D contiguous (e.g. a view of the QKV
+    projection's queries and keys) by ``cos``/``sin`` (1 or B, 1, T, d) as ``RotaryEmbedding.cos_sin`` gives
+    them, in one operation instead of nine, bit for bit: (B, T, H, D) contiguous."""
+    return torch.ops.qwenlm_cpu.rotary(x, cos, sin)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -543,6 +543,8 @@ TORCH_LIBRARY(qwenlm_cpu, m) {
   m.def("decode_attention_upto(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor length) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("fit_groups(Tensor w, int bits, float[] steps) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
@@ -552,4 +554,6 @@ TORCH_LIBRARY_IMPL(qwenlm_cpu, CPU, m) {
   m.impl("decode_attention_upto", &decode_attention_upto_with<Attention>);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("fit_groups", &fit_groups);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rotary", &rotary);
 }

@@ -1,8 +1,8 @@
 // What qwenlm's two builds of the CPU kernels share (cpu_kernels.cpp for AVX-512 VNNI, cpu_kernels_avx2.cpp
 // for AVX2): the weights' layout constants, the bf16 scale conversion, the padding of activation rows to one
 // compiled loop each, the split of the weight rows over the threads, the weights' checks, and the drivers of
-// int4_gemv, int8_gemv, argmax_rows and fit_groups around each build's own per-row and per-group code. No
-// vector instructions here.
+// int4_gemv, int8_gemv, argmax_rows and fit_groups around each build's own per-row and per-group code; and two
+// small operations of eager decoding both builds have as they are (rms_norm, rotary). No vector instructions here.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -292,6 +292,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fit_groups_with(const at::Tensor&
     }
   });
   return {codes, scale, zero};
+}
+
+// rms_norm: every row of x (..., K) float32 divided by its root mean square, then times w (K,): (x * (1 /
+// sqrt(mean(x^2) + eps))) * w, the reference's order of operations; the squares summed in float32 over 16
+// lanes (another order than PyTorch's mean: equal to ~1e-7). One operation for the eight of an eager
+// RMSNorm.
+at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat && w_in.dim() == 1 &&
+                  x_in.dim() >= 1 && x_in.size(-1) == w_in.size(0) && w_in.size(0) > 0,
+              "rms_norm: x (..., K) and weight (K,) float32");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t k = w.size(0), rows = x.numel() / k;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float epsf = static_cast<float>(eps);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * k;
+      float lanes[16] = {};
+      int64_t i = 0;
+      for (; i + 16 <= k; i += 16) {
+        for (int j = 0; j < 16; ++j) lanes[j] += xr[i + j] * xr[i + j];
+      }
+      for (; i < k; ++i) lanes[i % 16] += xr[i] * xr[i];
+      for (int width = 8; width >= 1; width /= 2) {
+        for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+      }
+      const float inv = 1.f / std::sqrt(lanes[0] / static_cast<float>(k) + epsf);
+      float* o = op + r * k;
+      for (int64_t c = 0; c < k; ++c) o[c] = (xr[c] * inv) * wp[c];
+    }
+  });
+  return out;
+}
+
+// rotary: x (B, T, H, D) float32 (rows of D contiguous; e.g. the queries and keys side by side in a view of
+// the QKV projection) rotated in Qwen's rotate-half layout by cos and sin (A, 1, T, d), A 1 or B, d <= D even:
+// y_i = x_i c_i - x_{i+d/2} s_i and y_{i+d/2} = x_{i+d/2} c_{i+d/2} + x_i s_{i+d/2} for i < d/2, the features
+// from d on as they are; (B, T, H, D) contiguous. The reference's products and sums in its order: the same
+// bits. One operation for the nine of the eager rotation.
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.stride(3) == 1,
+              "rotary: x (B, T, H, D) float32 with contiguous rows");
+  TORCH_CHECK(cos_in.sizes() == sin_in.sizes() && cos_in.dim() == 4 && cos_in.scalar_type() == at::kFloat &&
+                  sin_in.scalar_type() == at::kFloat && (cos_in.size(0) == 1 || cos_in.size(0) == x.size(0)) &&
+                  cos_in.size(1) == 1 && cos_in.size(2) == x.size(1) && cos_in.size(3) % 2 == 0 &&
+                  cos_in.size(3) <= x.size(3),
+              "rotary: cos and sin (1 or B, 1, T, d) float32, d even and at most D");
+  const at::Tensor c = cos_in.contiguous(), s = sin_in.contiguous();
+  const int64_t b = x.size(0), t = x.size(1), heads = x.size(2), d_all = x.size(3), d = c.size(3), half = d / 2;
+  const int64_t sb = x.stride(0), st = x.stride(1), sh = x.stride(2), tables = c.size(0);
+  at::Tensor out = at::empty({b, t, heads, d_all}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, b * t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t row = bt / t, pos = bt % t;
+      const float* cr = cp + ((tables == 1 ? 0 : row) * t + pos) * d;
+      const float* sr = sp + ((tables == 1 ? 0 : row) * t + pos) * d;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* xr = xp + row * sb + pos * st + h * sh;
+        float* o = op + (bt * heads + h) * d_all;
+        for (int64_t i = 0; i < half; ++i) {
+          o[i] = xr[i] * cr[i] + (-xr[i + half]) * sr[i];
+          o[i + half] = xr[i + half] * cr[i + half] + xr[i] * sr[i + half];
+        }
+        for (int64_t i = d; i < d_all; ++i) o[i] = xr[i];
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace

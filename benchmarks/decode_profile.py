@@ -12,32 +12,22 @@ sums the self time of the ``qwenlm_cpu::`` operations, "other ops" the rest of t
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from qwenlm.bench import load_at_precision
+from qwenlm.bench import load_at_precision, step_seconds
 from qwenlm.demo import demo_model_path
-
-
-def steps(model, cache, n: int) -> float:
-    """Seconds per step of ``n`` one-token decoding steps."""
-    token = torch.tensor([[5]])
-    t = time.perf_counter()
-    for _ in range(n):
-        model.decode_step(token, None, cache)
-    return (time.perf_counter() - t) / n
 
 
 def report(name: str, model, args) -> None:
     with torch.inference_mode():
         cache = model.new_cache(args.prompt + 3 * args.steps + 8)
         model(torch.randint(0, 1000, (1, args.prompt)), past_key_values=cache)
-        steps(model, cache, 5)
-        wall = steps(model, cache, args.steps)
+        step_seconds(model, cache, 5)
+        wall = step_seconds(model, cache, args.steps)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            profiled = steps(model, cache, args.steps)
+            profiled = step_seconds(model, cache, args.steps)
     events = prof.key_averages()
     per_step = 1 / (1e3 * args.steps)  # the profiler counts microseconds
     kernels = sum(e.self_cpu_time_total for e in events if e.key.startswith("qwenlm_cpu::")) * per_step

@@ -5,38 +5,28 @@
 
 Each round times --steps one-token steps (after a 32-token prompt and five warm-up steps) once per variant, in
 alternating order, so that a drifting memory bandwidth hits both alike; prints the medians and their ratio. The
-reference variant turns ``RMSNorm.own_kernel`` off and hands the rotary to ``rope.apply_rotary``.
+reference variant turns ``RMSNorm.own_kernel`` off and hands the rotary to ``rope.apply_rotary_bthd``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from qwenlm.bench import load_at_precision
+from qwenlm.bench import load_at_precision, step_seconds
 from qwenlm.demo import demo_model_path
 from qwenlm.model import RMSNorm
 from qwenlm.quant import cpu_kernel
-from qwenlm.rope import apply_rotary
-
-
-def reference_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return apply_rotary(x, cos.transpose(1, 2), sin.transpose(1, 2))
+from qwenlm.rope import apply_rotary_bthd
 
 
 def ms_per_step(model, steps: int) -> float:
-    token = torch.tensor([[5]])
     cache = model.new_cache(32 + steps + 8)
     model(torch.randint(0, 1000, (1, 32)), past_key_values=cache)
-    for _ in range(5):
-        model.decode_step(token, None, cache)
-    t = time.perf_counter()
-    for _ in range(steps):
-        model.decode_step(token, None, cache)
-    return (time.perf_counter() - t) / steps * 1e3
+    step_seconds(model, cache, 5)  # warm-up
+    return step_seconds(model, cache, steps) * 1e3
 
 
 def main() -> None:
@@ -56,7 +46,7 @@ def main() -> None:
             for name in ("fused", "reference") if r % 2 else ("reference", "fused"):
                 for norm in norms:
                     norm.own_kernel = name == "fused"
-                cpu_kernel.rotary = fused_rotary if name == "fused" else reference_rotary
+                cpu_kernel.rotary = fused_rotary if name == "fused" else apply_rotary_bthd
                 times[name].append(ms_per_step(model, args.steps))
     cpu_kernel.rotary = fused_rotary
     print(f"{args.precision} eager decoding, {cpu_kernel.isa()} kernels, {args.threads} threads, "

@@ -3,8 +3,10 @@
 import math
 
 import pytest
+import torch
 
-from qwenlm.bench import read_bandwidth_gb_s
+from qwenlm.bench import read_bandwidth_gb_s, step_seconds
+from tests.builders import random_model, tiny_config
 
 
 def test_read_bandwidth_is_a_positive_rate():
@@ -31,3 +33,12 @@ def test_weight_bytes_count_the_saved_weights_not_the_kernel_layouts():
     assert saved_weight_bytes(m) == before == sum(t.numel() * t.element_size() for t in m.state_dict().values())
     embedding = m.transformer.wte.state_dict().values()  # int8 codes and their scales
     assert saved_weight_bytes(m, skip="wte") == before - sum(t.numel() * t.element_size() for t in embedding)
+
+
+def test_step_seconds_times_one_token_steps_on_the_cache():
+    model = random_model(tiny_config())
+    with torch.inference_mode():
+        cache = model.new_cache(16)
+        model(torch.tensor([[1, 2, 3]]), past_key_values=cache)
+        seconds = step_seconds(model, cache, 4)
+    assert seconds > 0 and cache.seq_len == 3 + 4

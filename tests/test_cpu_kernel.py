@@ -16,7 +16,7 @@ from torch import nn
 from qwenlm.model import RMSNorm
 from qwenlm.quant import Int4Linear, Int5Linear, Int8Linear, cpu_kernel, quantize
 from qwenlm.quant.linear import INT4_PRODUCT_ROWS, PREFILL_ROWS, unpack_high
-from qwenlm.rope import RotaryEmbedding, apply_rotary
+from qwenlm.rope import RotaryEmbedding, apply_rotary_bthd
 from tests.builders import random_model, tiny_config
 from tests.kernels import int4_decoding_error, needs_kernel, needs_ops
 
@@ -508,7 +508,7 @@ def test_rotary_is_apply_rotary_bit_for_bit(rotary_dim, alphas, batch):
     qk = qkv[..., : heads * d].view(batch, t, heads, d)
     cos, sin = RotaryEmbedding(rotary_dim, 10000.0).cos_sin(5, 5 + t, alphas, torch.device("cpu"))
     got = cpu_kernel.rotary(qk, cos, sin)
-    assert got.is_contiguous() and torch.equal(got, apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2)))
+    assert got.is_contiguous() and torch.equal(got, apply_rotary_bthd(qk, cos, sin))
     with pytest.raises(RuntimeError, match=r"rotary: cos and sin \(1 or B, 1, T, d\)"):
         cpu_kernel.rotary(qk, cos[..., :-1], sin[..., :-1])  # an odd d
     with pytest.raises(RuntimeError, match=r"rotary: x \(B, T, H, D\) float32 with contiguous rows"):
@@ -546,7 +546,7 @@ def test_a_quantised_model_decodes_through_the_fused_norm_and_rotary(monkeypatch
     assert calls["rotary"] == 5 * layers
     for m in norms:
         m.own_kernel = False
-    monkeypatch.setattr(cpu_kernel, "rotary", lambda x, c, s: apply_rotary(x, c.transpose(1, 2), s.transpose(1, 2)))
+    monkeypatch.setattr(cpu_kernel, "rotary", apply_rotary_bthd)
     torch.testing.assert_close(fused, greedy_logits(), rtol=0, atol=2e-4 * float(fused.abs().max()))  # seen: 6e-5
     with torch.enable_grad():  # gradients: PyTorch's operations (the kernels have no backward)
         for m in norms:
@@ -554,3 +554,13 @@ def test_a_quantised_model_decodes_through_the_fused_norm_and_rotary(monkeypatch
         x = torch.randn(1, 2, 128, requires_grad=True)
         norms[0](x).sum().backward()
         assert x.grad is not None
+
+
+def test_eager_kernels_are_for_float32_cpu_tensors_without_gradients_outside_compiled_passes():
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert cpu_kernel.eager_float_cpu(x)
+        assert not cpu_kernel.eager_float_cpu(x.to(torch.bfloat16))
+        assert not cpu_kernel.eager_float_cpu(x.to("meta"))
+        assert torch.compile(lambda t: torch.tensor(cpu_kernel.eager_float_cpu(t)), backend="eager")(x).item() is False
+    assert not cpu_kernel.eager_float_cpu(x)  # gradients recorded

@@ -17,7 +17,7 @@ from torch import nn
 from .cache import KVCache
 from .config import QwenConfig
 from .quant import cpu_kernel
-from .rope import apply_rotary
+from .rope import apply_rotary_bthd
 
 WINDOW_QUERY_BLOCK = 512  # queries per SDPA call in window attention
 
@@ -154,11 +154,10 @@ class Attention(nn.Module):
         qkv = self.c_attn(x)
         heads = self.n_heads + self.n_kv_heads
         qk = qkv[..., : heads * self.head_dim].view(b, t, heads, self.head_dim)
-        if (self._own_decode and qk.dtype == torch.float32 and qk.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):  # fmt: skip
-            qk = cpu_kernel.rotary(qk, cos, sin)  # one operation, the same bits (qwenlm's kernels are loaded)
+        if self._own_decode and cpu_kernel.eager_float_cpu(qk):  # (qwenlm's kernels are loaded)
+            qk = cpu_kernel.rotary(qk, cos, sin)  # one operation, the same bits
         else:
-            qk = apply_rotary(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # (positions in dim 1 here)
+            qk = apply_rotary_bthd(qk, cos, sin)
         v = qkv[..., heads * self.head_dim :].view(b, t, self.n_kv_heads, self.head_dim)
         return qk[:, :, : self.n_heads].transpose(1, 2), qk[:, :, self.n_heads :].transpose(1, 2), v.transpose(1, 2)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .cache import KVCache
 from .checkpoint import describe, load_model
 from .model import QwenForCausalLM
 from .quant import cpu_kernel
@@ -108,6 +109,18 @@ def sync_device(device: torch.device) -> None:
     """Wait for the device's queued kernels (CUDA runs them asynchronously) before reading the clock."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def step_seconds(model: QwenForCausalLM, cache: KVCache, steps: int) -> float:
+    """Seconds per one-token ``decode_step`` (the same token, on top of ``cache``), over ``steps`` steps; for the
+    benchmarks that time the step itself."""
+    token = torch.tensor([[5]], device=model.device)
+    sync_device(model.device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        model.decode_step(token, None, cache)
+    sync_device(model.device)
+    return (time.perf_counter() - t) / steps
 
 
 def _one_run(

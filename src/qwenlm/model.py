@@ -42,8 +42,7 @@ class RMSNorm(nn.Module):
         self.own_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.own_kernel and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and cpu_kernel.provides("rms_norm")):  # fmt: skip
+        if self.own_kernel and cpu_kernel.eager_float_cpu(x) and cpu_kernel.provides("rms_norm"):
             return cpu_kernel.rms_norm(x, self.weight, self.eps)
         # fp32 statistics whatever the input dtype; cast back *before* the weight, as the reference does.
         xf = x.float()

@@ -63,3 +63,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if d == x.shape[-1]:
         return rot.type_as(x)
     return torch.cat((rot, x[..., d:].float()), dim=-1).type_as(x)
+
+
+def apply_rotary_bthd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` of ``x`` (B, T, H, D), positions before heads (e.g. a view of the QKV projection), by the
+    tables as ``RotaryEmbedding.cos_sin`` gives them, (1 or B, 1, T, d)."""
+    return apply_rotary(x, cos.transpose(1, 2), sin.transpose(1, 2))

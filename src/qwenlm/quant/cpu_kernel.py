@@ -147,11 +147,7 @@ def _products(x: torch.Tensor, weight: torch.Tensor, *_: object) -> torch.Tensor
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)  # (M, N) fp32
 
 
-def _attention(q: torch.Tensor, *_: object) -> torch.Tensor:
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-def _like(x: torch.Tensor, *_: object) -> torch.Tensor:
+def _like(x: torch.Tensor, *_: object) -> torch.Tensor:  # the first input's shape, contiguous
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -174,8 +170,8 @@ _FAKES = {
     "int4_gemv": _products,
     "int8_gemv": _products,
     "int8_matmul": _products,
-    "decode_attention": _attention,
-    "decode_attention_upto": _attention,
+    "decode_attention": _like,
+    "decode_attention_upto": _like,
     "argmax_rows": _argmax,
     "fit_groups": _fit,
     "int4_to_int8": _to_int8,
@@ -300,6 +296,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     return torch.ops.qwenlm_cpu.decode_attention_upto(q, k, v, bias, length)
 
 
+def eager_float_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` may take an eager-only kernel (``rms_norm``, ``rotary``): float32 on the CPU, no gradients
+    recorded, and not inside a compiled or exported pass (which keeps PyTorch's operations for inductor)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())  # fmt: skip
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``model.RMSNorm`` of float32 rows ``x`` (..., K) with ``weight`` (K,) in one operation instead of eight:
     ``(x * (1 / sqrt(mean(x^2) + eps))) * weight`` in the reference's order, the squares summed in another
@@ -308,9 +311,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rope.apply_rotary`` of float32 ``x`` (B, T, H, D) with rows of D contiguous (e.g. a view of the QKV
-    projection's queries and keys) by ``cos``/``sin`` (1 or B, 1, T, d) as ``RotaryEmbedding.cos_sin`` gives
-    them, in one operation instead of nine, bit for bit: (B, T, H, D) contiguous."""
+    """``rope.apply_rotary_bthd`` of float32 ``x`` (B, T, H, D) with rows of D contiguous (e.g. a view of the
+    QKV projection's queries and keys) in one operation instead of nine, bit for bit: (B, T, H, D) contiguous."""
     return torch.ops.qwenlm_cpu.rotary(x, cos, sin)
 
 
